@@ -1,0 +1,25 @@
+"""Event contracts: Avro schemas and the codec with the Confluent wire header."""
+
+from schemas.batch import PredictionBatch
+from schemas.codec import (
+    DEFAULT_LIMITS,
+    SCHEMA_IDS,
+    CodecError,
+    Limits,
+    decode,
+    decode_batch,
+    encode,
+    encode_batch,
+)
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "SCHEMA_IDS",
+    "CodecError",
+    "Limits",
+    "PredictionBatch",
+    "decode",
+    "decode_batch",
+    "encode",
+    "encode_batch",
+]

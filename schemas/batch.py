@@ -1,0 +1,105 @@
+"""The in-memory form of a PredictionBatch: one model's micro-batch, column-wise numpy arrays.
+
+Agents and the publisher work on this object; the codec turns it into Avro bytes and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROLES = ("live", "reference")
+
+
+@dataclass
+class PredictionBatch:
+    """n predictions of one model: ids, timestamps, outputs (n x classes) and tapped layers (n x dim).
+
+    Example:
+        >>> import numpy as np
+        >>> b = PredictionBatch.build("cnn", ["e1", "e2"], outputs=np.eye(2, dtype=np.float32),
+        ...                           layers={"penultimate": np.ones((2, 4), np.float32)})
+        >>> b.n, b.predicted.tolist(), b.client_ids
+        (2, [0, 1], ['', ''])
+    """
+
+    model_id: str
+    model_version: str
+    role: str
+    event_ids: list[str]
+    client_ids: list[str]
+    ts_ms: np.ndarray  # (n,) int64
+    predicted: np.ndarray  # (n,) int32
+    outputs: np.ndarray  # (n, classes) float32 probabilities
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n, dim) f16|f32
+    uncertainty: np.ndarray | None = None  # (n,) float32
+    truth: np.ndarray | None = None  # (n,) int32
+    attack: list[str] | None = None  # simulation ground truth ("" for clean)
+    inputs: np.ndarray | None = None  # (n, k) float32, optional copy of the inputs (demo images)
+
+    @property
+    def n(self) -> int:
+        return len(self.event_ids)
+
+    @classmethod
+    def build(
+        cls,
+        model_id: str,
+        event_ids: list[str],
+        outputs: np.ndarray,
+        layers: dict[str, np.ndarray],
+        *,
+        model_version: str = "1",
+        role: str = "live",
+        client_ids: list[str] | None = None,
+        ts_ms: np.ndarray | None = None,
+        predicted: np.ndarray | None = None,
+        uncertainty: np.ndarray | None = None,
+        truth: np.ndarray | None = None,
+        attack: list[str] | None = None,
+        inputs: np.ndarray | None = None,
+    ) -> "PredictionBatch":
+        """Fill the defaults a caller rarely cares about: now as timestamp, argmax as prediction, no client."""
+        n = len(event_ids)
+        outputs = np.ascontiguousarray(outputs, dtype=np.float32)
+        if ts_ms is None:
+            import time
+
+            ts_ms = np.full(n, int(time.time() * 1000), dtype=np.int64)
+        if predicted is None:
+            predicted = outputs.argmax(axis=1) if outputs.ndim == 2 else np.zeros(n)
+        return cls(
+            model_id=model_id,
+            model_version=model_version,
+            role=role,
+            event_ids=list(event_ids),
+            client_ids=list(client_ids) if client_ids is not None else [""] * n,
+            ts_ms=np.asarray(ts_ms, dtype=np.int64),
+            predicted=np.asarray(predicted, dtype=np.int32),
+            outputs=outputs,
+            layers={k: np.ascontiguousarray(v) for k, v in layers.items()},
+            uncertainty=None if uncertainty is None else np.asarray(uncertainty, dtype=np.float32),
+            truth=None if truth is None else np.asarray(truth, dtype=np.int32),
+            attack=None if attack is None else list(attack),
+            inputs=None if inputs is None else np.ascontiguousarray(inputs, dtype=np.float32),
+        )
+
+    def slice(self, start: int, stop: int) -> "PredictionBatch":
+        """Rows [start, stop) as a new batch (views, no copies of the matrices)."""
+        pick = slice(start, stop)
+        return PredictionBatch(
+            model_id=self.model_id,
+            model_version=self.model_version,
+            role=self.role,
+            event_ids=self.event_ids[pick],
+            client_ids=self.client_ids[pick],
+            ts_ms=self.ts_ms[pick],
+            predicted=self.predicted[pick],
+            outputs=self.outputs[pick],
+            layers={k: v[pick] for k, v in self.layers.items()},
+            uncertainty=None if self.uncertainty is None else self.uncertainty[pick],
+            truth=None if self.truth is None else self.truth[pick],
+            attack=None if self.attack is None else self.attack[pick],
+            inputs=None if self.inputs is None else self.inputs[pick],
+        )

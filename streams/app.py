@@ -1,0 +1,242 @@
+"""The Faust app: topics, the ingest agent (decode once, fan out to stages) and the results sink.
+
+One Kafka record carries a micro-batch of predictions. The ingest agent takes up to
+``sink_batch_records`` records at a time, decodes each once, dead-letters what does not
+validate, writes the slim columns to ClickHouse and hands the decoded batches to the
+enabled stages (drift windows, classifier, probing). Faust acks the records only after
+the loop body finished with them, so a crash replays them; idempotent tables
+(ReplacingMergeTree keyed by event id) turn the replay into exactly-once rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import faust
+
+from schemas.codec import CodecError, Limits, decode
+from streams import rows as R
+from streams.ingest import decode_records, encode_dead_letter
+from streams.metrics import Metrics
+from streams.settings import Settings
+from streams.store import Store, open_store_from_settings
+from streams.writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+AGENTS = ("sink", "drift", "classify", "probing", "alerts")
+
+DRIFT_COLUMNS = (
+    "window_id", "model_id", "model_version", "layer", "window_start_ms", "window_end_ms", "n_reference",
+    "n_window", "mmd2", "p_value", "detection_rate", "alpha", "bandwidth", "n_permutations", "compute_ms", "device",
+)
+
+
+class Stage(Protocol):
+    """A consumer of decoded prediction batches inside the ingest agent."""
+
+    async def handle(self, items: Sequence[R.Delivered]) -> None: ...
+
+
+@dataclass
+class Runtime:
+    """What the agents of one worker process share."""
+
+    settings: Settings
+    store: Store
+    writer: StoreWriter
+    metrics: Metrics
+    limits: Limits
+    agents: frozenset[str]
+    stages: list[Stage] = field(default_factory=list)
+    topics: dict[str, Any] = field(default_factory=dict)
+
+    def health(self) -> dict[str, Any]:
+        status = "ok" if self.writer.healthy else "degraded"
+        return {"status": status, "reason": self.writer.degraded_reason, "agents": sorted(self.agents)}
+
+
+def parse_agents(spec: str) -> frozenset[str]:
+    """'all' or a comma list of agent names; unknown names are an error naming them."""
+    names = {a.strip() for a in spec.split(",") if a.strip()}
+    if not names or names == {"all"}:
+        return frozenset(AGENTS)
+    unknown = sorted(names - set(AGENTS))
+    if unknown:
+        raise ValueError(f"unknown agent(s) {', '.join(unknown)}; choose from {', '.join(AGENTS)}")
+    return frozenset(names)
+
+
+def faust_settings(settings: Settings) -> dict[str, Any]:
+    """Faust App keyword arguments from layerwatch settings."""
+    config: dict[str, Any] = dict(
+        broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
+        store="memory://",
+        processing_guarantee="at_least_once",
+        topic_partitions=settings.topic_partitions,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        datadir=str(settings.state_path / "faust"),
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=max(64, settings.sink_batch_records * 2),
+        consumer_max_fetch_size=8 * 1024 * 1024,
+        producer_max_request_size=settings.max_record_bytes + 1024,
+        consumer_auto_offset_reset="earliest",
+        autodiscover=False,
+        topic_disable_leader=True,
+    )
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        import ssl
+
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+        if settings.kafka_security_protocol.startswith("SASL"):
+            config["broker_credentials"] = faust.SASLCredentials(
+                username=settings.kafka_sasl_username,
+                password=settings.kafka_sasl_password,
+                ssl_context=context if "SSL" in settings.kafka_security_protocol else None,
+                mechanism=settings.kafka_sasl_mechanism,
+            )
+        else:
+            config["broker_credentials"] = context
+    return config
+
+
+def create_app(settings: Settings, *, store: Store | None = None) -> tuple[faust.App, Runtime]:
+    """Build the Faust app and its runtime (the store is opened and migrated here)."""
+    agents = parse_agents(settings.agents)
+    app = faust.App(settings.app_id, **faust_settings(settings))
+    store = store or open_store_from_settings(settings)
+    store.migrate()
+    metrics = Metrics()
+    runtime = Runtime(
+        settings=settings,
+        store=store,
+        writer=StoreWriter(store, metrics),
+        metrics=metrics,
+        limits=Limits(max_record_bytes=settings.max_record_bytes, max_rows=settings.max_batch_rows, max_dim=settings.max_dim),
+        agents=agents,
+    )
+    t = runtime.topics
+    for name in ("predictions", "drift", "labels", "alerts", "actions", "dlq"):
+        t[name] = app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw",
+                            partitions=settings.topic_partitions)
+
+    _add_ingest_agent(app, runtime)
+    if "sink" in agents:
+        _add_results_sink(app, runtime)
+
+    from streams.web import register_views
+
+    register_views(app, runtime)
+    from streams import detection
+
+    detection.install(app, runtime)
+    return app, runtime
+
+
+def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
+    settings, metrics = runtime.settings, runtime.metrics
+    dlq = runtime.topics["dlq"]
+
+    @app.agent(runtime.topics["predictions"], name="layerwatch.ingest")
+    async def ingest(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.sink_batch_records, within=settings.sink_within_s):
+            raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events]
+            good, dead = decode_records(raw, runtime.limits)
+            for record in dead:
+                log.warning("dead letter %s:%s:%s: %s", record["topic"], record["partition"], record["offset"], record["reason"])
+                metrics.dlq.labels(record["topic"]).inc()
+                await dlq.send(key=f"{record['topic']}:{record['partition']}:{record['offset']}".encode(),
+                               value=encode_dead_letter(record))
+            for d in good:
+                metrics.records.labels(d.topic).inc()
+                metrics.events.labels(d.batch.model_id, d.batch.role).inc(d.batch.n)
+            if "sink" in runtime.agents and good:
+                live = [d for d in good if d.batch.role == "live"]
+                reference = [d for d in good if d.batch.role == "reference"]
+                await runtime.writer.write("predictions", R.prediction_rows(good))
+                await runtime.writer.write("predictions_inputs", R.input_rows(live))
+                await runtime.writer.write("reference_embeddings", R.reference_rows(reference))
+            for stage in runtime.stages:
+                await stage.handle(good)
+
+
+def result_rows(records: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Decoded result events grouped into {table: columns} (pure)."""
+    by_table: dict[str, list] = {}
+    for name, record in records:
+        by_table.setdefault(name, []).append(record)
+    out: dict[str, dict[str, Any]] = {}
+    if drift := by_table.get("DriftResult"):
+        columns = R.records_to_columns(drift, DRIFT_COLUMNS)
+        columns["ts"] = [r["window_end_ms"] // 1000 for r in drift]
+        out["drift_windows"] = columns
+        scores = [(r, rank, s) for r in drift for rank, s in enumerate(r["top_samples"], start=1)]
+        if scores:
+            out["sample_scores"] = {
+                "window_id": [r["window_id"] for r, _, _ in scores],
+                "model_id": [r["model_id"] for r, _, _ in scores],
+                "model_version": [r["model_version"] for r, _, _ in scores],
+                "layer": [r["layer"] for r, _, _ in scores],
+                "event_id": [s["event_id"] for _, _, s in scores],
+                "rank": [rank for _, rank, _ in scores],
+                "score": [s["score"] for _, _, s in scores],
+                "ts": [r["window_end_ms"] // 1000 for r, _, _ in scores],
+            }
+    if labels := by_table.get("AttackLabels"):
+        columns: dict[str, list] = {k: [] for k in (
+            "event_id", "model_id", "model_version", "ts", "ts_ms", "p_adversarial", "attack_type", "attack_prob",
+            "target_model", "target_prob", "classifier_version")}
+        for r in labels:
+            n = len(r["event_ids"])
+            columns["event_id"] += r["event_ids"]
+            columns["model_id"] += [r["model_id"]] * n
+            columns["model_version"] += [r["model_version"]] * n
+            columns["ts"] += [t // 1000 for t in r["ts_ms"]]
+            columns["ts_ms"] += r["ts_ms"]
+            for k in ("p_adversarial", "attack_type", "attack_prob", "target_model", "target_prob"):
+                columns[k] += r[k]
+            columns["classifier_version"] += [r["classifier_version"]] * n
+        out["attack_labels"] = columns
+    if alerts := by_table.get("Alert"):
+        columns = R.records_to_columns(
+            alerts, ("alert_id", "ts_ms", "model_id", "kind", "state", "severity", "window_id", "event_ids", "client_id", "message"))
+        columns["ts"] = [r["ts_ms"] // 1000 for r in alerts]
+        out["alerts"] = columns
+    if dead := by_table.get("DeadLetter"):
+        out["dead_letters"] = {
+            "dl_id": [f"{r['topic']}:{r['partition']}:{r['offset']}" for r in dead],
+            "ts": [r["ts_ms"] // 1000 for r in dead],
+            "ts_ms": [r["ts_ms"] for r in dead],
+            "topic": [r["topic"] for r in dead],
+            "partition": [r["partition"] for r in dead],
+            "offset": [r["offset"] for r in dead],
+            "reason": [r["reason"] for r in dead],
+            "raw": [r["raw"] for r in dead],
+        }
+    return out
+
+
+def _add_results_sink(app: faust.App, runtime: Runtime) -> None:
+    t = runtime.topics
+    topics = app.topic(*(t[n].get_topic_name() for n in ("drift", "labels", "alerts", "dlq")),
+                       key_serializer="raw", value_serializer="raw")
+
+    @app.agent(topics, name="layerwatch.results_sink")
+    async def results_sink(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(256, within=0.5):
+            decoded = []
+            for e in events:
+                try:
+                    decoded.append(decode(e.message.value or b""))
+                except CodecError as exc:  # results topics are ours; a foreign record is logged, not looped
+                    log.warning("skipping undecodable record on %s:%s:%s: %s",
+                                e.message.topic, e.message.partition, e.message.offset, exc)
+            for table, columns in result_rows(decoded).items():
+                await runtime.writer.write(table, columns)

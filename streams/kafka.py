@@ -1,0 +1,47 @@
+"""Kafka client settings and topic management shared by every Kafka client layerwatch makes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams.settings import Settings
+
+# short name -> (partition count key, cleanup) ; partitions of the high-volume topics follow settings
+TOPICS = ("predictions", "drift", "labels", "alerts", "actions", "dlq")
+
+
+def kafka_python_config(settings: Settings) -> dict[str, Any]:
+    """Connection keyword arguments for kafka-python clients (security passes through)."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap.split(","),
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL"):
+        config.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password,
+        )
+    if "SSL" in settings.kafka_security_protocol and settings.kafka_ssl_cafile:
+        config["ssl_cafile"] = settings.kafka_ssl_cafile
+    return config
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    """Create layerwatch's topics with their final partition count (Tansu cannot add partitions)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    names = [settings.topic(t) for t in TOPICS]
+    admin = KafkaAdminClient(**kafka_python_config(settings), client_id="layerwatch-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(n, settings.topic_partitions, 1) for n in names if n not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+    return names

@@ -1,0 +1,152 @@
+"""One settings object for every layerwatch process.
+
+Values come from, in increasing priority: the defaults below, an optional TOML file
+(``LW_CONFIG``, else ``./layerwatch.toml`` when present; keys are the field names,
+lower case, optionally under a ``[layerwatch]`` table), and ``LW_<FIELD>`` environment
+variables. Secrets are kept out of ``repr`` so they never reach a log line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "clickhouse_password", "web_token", "webhook_token"})
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be parsed; the message names the variable and the value's problem."""
+
+
+def _secret() -> Any:
+    return field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of layerwatch; README's "Configuration" table documents each field."""
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = _secret()
+    kafka_ssl_cafile: str = ""
+    topic_prefix: str = "lw."
+    topic_partitions: int = 4
+    # ClickHouse
+    clickhouse_url: str = "chdb://./.layerwatch/store"
+    clickhouse_user: str = ""
+    clickhouse_password: str = _secret()
+    clickhouse_secure: bool = False
+    clickhouse_ca_certs: str = ""
+    # worker
+    app_id: str = "layerwatch"
+    state_dir: str = "./.layerwatch"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    web_token: str = _secret()
+    agents: str = "all"  # comma list of: sink, drift, classify, probing, alerts
+    sink_batch_records: int = 256
+    sink_within_s: float = 0.5
+    sink_buffer_rows: int = 200_000
+    rebalance_timeout_s: float = 2.0
+    # codec limits
+    max_record_bytes: int = 32 * 1024 * 1024
+    max_batch_rows: int = 65_536
+    max_dim: int = 16_384
+    # windows and tests
+    window_size_s: float = 10.0
+    window_step_s: float = 5.0
+    window_max_samples: int = 200
+    window_min_samples: int = 50
+    window_count_trigger: int = 0  # slow models: events of too-small windows are carried over and tested once this many arrived (0: off)
+    reference_max: int = 1000
+    mmd_permutations: int = 200
+    detection_repeats: int = 100
+    detection_m: int = 100
+    alpha: float = 0.05
+    top_k: int = 20
+    # alerts
+    alert_detection_rate: float = 0.5
+    alert_consecutive: int = 2
+    alert_clear_windows: int = 2
+    alert_adversarial_share: float = 0.3
+    webhook_url: str = ""
+    webhook_token: str = _secret()
+    webhook_timeout_s: float = 5.0
+    # probing
+    probing_similarity: float = 0.98
+    probing_min_queries: int = 20
+    probing_window_s: float = 30.0
+    probing_throttle_s: float = 60.0
+    # classifier
+    classifier_path: str = ""  # default: <state_dir>/classifier/classifier.skops
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a short name such as 'predictions'."""
+        return f"{self.topic_prefix}{name}"
+
+    def safe_dict(self) -> dict[str, Any]:
+        """The settings with secrets masked, for logs and `layerwatch config`."""
+        return {
+            k: ("***" if k in SECRET_FIELDS and v else v) for k, v in dataclasses.asdict(self).items()
+        }
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _convert(name: str, raw: Any, kind: type) -> Any:
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("expected true or false")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError as exc:
+        shown = "***" if name in SECRET_FIELDS else repr(text)
+        raise SettingsError(f"LW_{name.upper()}={shown}: not a valid {kind.__name__} ({exc})") from None
+    return text
+
+
+def load_settings(env: Mapping[str, str] | None = None, toml_path: str | os.PathLike | None = None) -> Settings:
+    """Build Settings from defaults, the optional TOML file and LW_* environment variables."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = toml_path or env.get("LW_CONFIG") or ("layerwatch.toml" if Path("layerwatch.toml").exists() else None)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"config file {path}: {exc}") from None
+        values.update(data.get("layerwatch", data))
+    types = {f.name: f.type for f in fields(Settings)}
+    kinds = {"str": str, "int": int, "float": float, "bool": bool}
+    for key in types:
+        env_key = f"LW_{key.upper()}"
+        if env_key in env:
+            values[key] = env[env_key]
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
+    parsed = {k: _convert(k, v, kinds[types[k]]) for k, v in values.items()}
+    return Settings(**parsed)

@@ -1,0 +1,213 @@
+"""chDB backend: the ClickHouse engine in-process, persisted at a path.
+
+Facts that shape it (chDB 4.4 / chdb-core 26.9):
+
+- One process can hold one chDB path at a time ("EmbeddedServer already
+  initialized with path ..."), and another process cannot open a path in use
+  (``status`` file lock). Several sessions on the same path are fine: this
+  store keeps a writer session and, lazily, a read-only session.
+- ``async_insert`` is on by default: each session turns it off so a read right
+  after a write sees the rows.
+- Inserts go as one Arrow IPC stream through ``send_insert(..., 'ArrowStream')``.
+  Measured on 64k predictions rows, the engine side is as fast as
+  ``INSERT ... SELECT * FROM Python(arrow_table)`` (~38 ms each), without its
+  caveat: ``Python(name)`` finds ``name`` by walking Python frames, and with
+  concurrent callers it inserted another thread's variable in a test. Passing
+  a pandas DataFrame to ``Python()`` also turned NaN into NULL (then 0).
+- Results come back in ``Native`` format and are decoded by clickhouse-driver's
+  column readers (``streams.store.native``), so both backends return the same
+  Python values.
+- ``SET readonly = 1`` is per session and cannot be undone from inside, so the
+  read-only session is separate and configured once with the limits.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import sql as _sql
+from .base import ReadonlyLimits, Store, columns_sql, datetimes_to_utc
+from .columns import ArrayData, Column
+from .errors import StoreError, error_code
+from .native import decode_native
+
+_SESSION_SETTINGS = (
+    "SET async_insert = 0",
+    "SET session_timezone = 'UTC'",
+)
+
+
+class ChdbStore(Store):
+    """Store on chDB persisted at ``path`` (``chdb://PATH`` URLs)."""
+
+    backend = "chdb"
+
+    def __init__(self, path: str | Path, *, url: str, readonly_limits: ReadonlyLimits | None = None,
+                 migrations_dir: Any = None) -> None:
+        super().__init__(url=url, readonly_limits=readonly_limits, migrations_dir=migrations_dir)
+        self.path = Path(path).expanduser().resolve()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create chDB directory {self.path}: {e}") from e
+        self._lock = threading.RLock()
+        self._session = self._open_session()
+        self._ro_session: Any = None
+        self._closed = False
+
+    # --------------------------------------------------------------- sessions
+
+    def _open_session(self, extra: tuple[str, ...] = ()) -> Any:
+        from chdb import session as chs
+
+        try:
+            session = chs.Session(str(self.path))
+        except Exception as e:  # noqa: BLE001 - chDB raises RuntimeError subclasses
+            msg = str(e)
+            if "already initialized with path" in msg:
+                raise StoreError(
+                    f"chDB can hold one path per process and another one is open: {msg}",
+                    code=error_code(msg),
+                ) from e
+            if "Cannot lock file" in msg:
+                raise StoreError(
+                    f"chDB path {self.path} is in use by another process "
+                    f"(one process per path): {msg}",
+                    code=error_code(msg),
+                ) from e
+            raise StoreError(f"cannot open chDB at {self.path}: {msg}", code=error_code(msg)) from e
+        try:
+            for stmt in _SESSION_SETTINGS + extra:
+                session.query(stmt)
+        except Exception as e:  # noqa: BLE001
+            session.close()
+            raise StoreError(f"cannot configure chDB session: {e}", code=error_code(str(e))) from e
+        return session
+
+    def _readonly_session(self) -> Any:
+        if self._ro_session is None:
+            limits = self.readonly_limits.settings()
+            stmts = tuple(f"SET {k} = {_sql.render_value(v)}" for k, v in limits.items())
+            self._ro_session = self._open_session(stmts)
+        return self._ro_session
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.url} is closed")
+
+    # -------------------------------------------------------------- execution
+
+    def _execute(self, sql: str, *, readonly: bool = False, want_names: bool = True
+                 ) -> tuple[list[str], list[str], list[tuple]]:
+        with self._lock:
+            self._check_open()
+            session = self._readonly_session() if readonly else self._session
+            try:
+                payload = session.query(sql, "Native").bytes()
+            except Exception as e:  # noqa: BLE001
+                msg = str(e).strip()
+                code = error_code(msg)
+                first = msg.splitlines()[0] if msg else type(e).__name__
+                first = re.sub(r"^Code:\s*\d+\.\s*", "", first)
+                raise StoreError(f"chDB error {code}: {first}" if code else f"chDB error: {first}",
+                                 code=code) from e
+            try:
+                names, types, rows = decode_native(payload)
+            except Exception as e:  # noqa: BLE001 - a type the driver cannot read
+                if not _sql.is_read_statement(sql):
+                    raise StoreError(f"cannot decode chDB result: {e}") from e
+                return self._execute_arrow(session, sql)
+            rows = datetimes_to_utc(rows, types, None)
+            if not names and want_names and _sql.is_read_statement(sql):
+                # Zero rows: Native output is empty; ask Arrow for the names.
+                table = session.query(sql, "ArrowTable")
+                names = list(table.schema.names)
+                types = [str(t) for t in table.schema.types]
+            return names, types, rows
+
+    @staticmethod
+    def _execute_arrow(session: Any, sql: str) -> tuple[list[str], list[str], list[tuple]]:
+        table = session.query(sql, "ArrowTable")
+        cols = [c.to_pylist() for c in table.columns]
+        rows = list(zip(*cols)) if cols else []
+        return list(table.schema.names), [str(t) for t in table.schema.types], rows
+
+    def _insert_columns(self, table: str, n_rows: int, columns: list[Column]) -> None:
+        import pyarrow as pa
+
+        arrow = pa.table({c.name: _arrow_column(c) for c in columns})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, arrow.schema) as writer:
+            writer.write_table(arrow, max_chunksize=65536)
+        payload = sink.getvalue().to_pybytes()
+        query = f"INSERT INTO {_sql.quote_table(table)} {columns_sql(columns)}"
+        with self._lock:
+            self._check_open()
+            try:
+                with self._session.send_insert(query, "ArrowStream") as ins:
+                    ins.append(payload)
+                    ins.finish()
+            except Exception as e:  # noqa: BLE001
+                msg = str(e).strip()
+                raise StoreError(f"chDB insert into {table!r} failed: {msg.splitlines()[0] if msg else e}",
+                                 code=error_code(msg)) from e
+
+    def ping(self) -> bool:
+        try:
+            return self._execute("SELECT 1", want_names=False)[2] == [(1,)]
+        except StoreError:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for s in (self._ro_session, self._session):
+                if s is not None:
+                    try:
+                        s.close()
+                    except Exception:  # noqa: BLE001 - closing must not raise
+                        pass
+            self._ro_session = None
+            self._session = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _arrow_column(col: Column) -> Any:
+    """The canonical column as a pyarrow array ClickHouse casts to its type."""
+    import pyarrow as pa
+
+    data = col.data
+    if isinstance(data, ArrayData):
+        inner_is_str = isinstance(data.values, np.ndarray) and data.values.dtype == object
+        if inner_is_str:
+            values = pa.array(data.values, type=_string_type(data.values))
+        elif isinstance(data.values, np.ndarray):
+            values = pa.array(data.values)
+        else:
+            values = pa.array(list(data.values))
+        if data.offsets[-1] < 2**31:
+            return pa.ListArray.from_arrays(pa.array(data.offsets.astype(np.int32)), values)
+        return pa.LargeListArray.from_arrays(pa.array(data.offsets), values)
+    if isinstance(data, np.ndarray):
+        if data.dtype == object:
+            return pa.array(data, type=pa.binary() if col.has_bytes else pa.string())
+        return pa.array(data)
+    return pa.array(list(data))
+
+
+def _string_type(values: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    return pa.binary() if any(isinstance(v, bytes) for v in values) else pa.string()

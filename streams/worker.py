@@ -1,0 +1,31 @@
+"""Starting a Faust worker process for layerwatch's app."""
+
+from __future__ import annotations
+
+import logging
+
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(settings: Settings, loglevel: str = "warn") -> int:
+    """Check the broker, create the topics, open the store and run the worker until stopped."""
+    from faust.worker import Worker
+
+    from streams.app import create_app
+    from streams.broker import require_broker
+    from streams.kafka import ensure_topics
+
+    require_broker(settings.kafka_bootstrap)
+    ensure_topics(settings)
+    app, runtime = create_app(settings)
+    worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        runtime.writer.close()
+        runtime.store.close()
+    return 0

@@ -1,0 +1,99 @@
+"""Writes column batches to the store from the event loop, retrying through outages.
+
+A write that cannot reach ClickHouse is retried with capped exponential backoff and
+never dropped; while it waits, the calling agent does not take more records, so the
+backlog stays in Kafka (backpressure) and the worker's health reads "degraded".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from streams.metrics import Metrics
+from streams.store import Store, StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def jsonable(value: Any) -> Any:
+    """A query result value as something json.dumps accepts."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        value = value.tolist() if hasattr(value, "tolist") else value
+        return [jsonable(v) for v in value] if isinstance(value, list) else value
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+class StoreWriter:
+    """Serialises store writes on one thread (clickhouse-driver is one client per thread)."""
+
+    def __init__(self, store: Store, metrics: Metrics, *, max_backoff_s: float = 5.0, max_attempts_on_error: int = 3):
+        self.store = store
+        self.metrics = metrics
+        self.max_backoff_s = max_backoff_s
+        self.max_attempts_on_error = max_attempts_on_error
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-store")
+        self.degraded_reason = ""
+
+    @property
+    def healthy(self) -> bool:
+        return not self.degraded_reason
+
+    async def write(self, table: str, columns: dict[str, Any]) -> None:
+        """Insert the columns; on an outage wait and retry until the store is back."""
+        if not columns:
+            return
+        loop = asyncio.get_running_loop()
+        n_rows = len(next(iter(columns.values())))
+        backoff, attempt = 0.1, 0
+        while True:
+            attempt += 1
+            try:
+                await loop.run_in_executor(self.executor, self.store.insert, table, columns)
+            except StoreUnavailable as exc:
+                self._failed(table, exc)
+            except StoreError as exc:
+                self._failed(table, exc)
+                if attempt >= self.max_attempts_on_error:
+                    log.error("dropping %d rows for %s after %d failed attempts: %s", n_rows, table, attempt, exc)
+                    return
+            else:
+                self.metrics.rows.labels(table).inc(n_rows)
+                self.metrics.store_up.set(1)
+                if self.degraded_reason:
+                    log.warning("store is back; writes resumed")
+                self.degraded_reason = ""
+                return
+            await asyncio.sleep(backoff)  # retry backoff, not synchronisation
+            backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _failed(self, table: str, exc: Exception) -> None:
+        if not self.degraded_reason:
+            log.warning("store write to %s failed, retrying with backoff: %s", table, exc)
+        self.degraded_reason = f"store unavailable: {exc}"[:300]
+        self.metrics.store_errors.inc()
+        self.metrics.store_up.set(0)
+
+    async def query(self, sql: str, params: dict | None = None, **kwargs: Any) -> list[tuple]:
+        """Run a query on the writer's thread (the store owns the chDB path in this process)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, lambda: self.store.query(sql, params, **kwargs))
+
+    async def query_columns(self, sql: str, params: dict | None = None) -> tuple[list[str], list[list]]:
+        """A read-only query for the HTTP API: column names and JSON-ready rows."""
+        loop = asyncio.get_running_loop()
+        names, rows = await loop.run_in_executor(
+            self.executor, lambda: self.store.query_columns(sql, params, readonly=True)
+        )
+        return list(names), [[jsonable(v) for v in row] for row in rows]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)

@@ -1,0 +1,42 @@
+"""Settings: defaults, TOML file, LW_* environment, clear errors, secrets masked."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.settings import Settings, SettingsError, load_settings
+
+
+def test_defaults_match_the_architecture() -> None:
+    s = load_settings(env={})
+    assert s.kafka_bootstrap == "127.0.0.1:9092"
+    assert s.clickhouse_url == "chdb://./.layerwatch/store"
+    assert s.topic("predictions") == "lw.predictions"
+
+
+def test_environment_overrides_toml(tmp_path) -> None:
+    path = tmp_path / "lw.toml"
+    path.write_text('[layerwatch]\nweb_port = 7000\nalpha = 0.01\nkafka_bootstrap = "k:1"\n')
+    s = load_settings(env={"LW_WEB_PORT": "7001", "LW_CLICKHOUSE_SECURE": "yes"}, toml_path=path)
+    assert (s.web_port, s.alpha, s.kafka_bootstrap, s.clickhouse_secure) == (7001, 0.01, "k:1", True)
+
+
+def test_bad_value_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match=r"LW_WEB_PORT='eighty': not a valid int"):
+        load_settings(env={"LW_WEB_PORT": "eighty"})
+
+
+def test_unknown_toml_key_is_rejected(tmp_path) -> None:
+    path = tmp_path / "lw.toml"
+    path.write_text("web_prot = 1\n")
+    with pytest.raises(SettingsError, match="web_prot"):
+        load_settings(env={}, toml_path=path)
+
+
+def test_secrets_never_in_repr_or_safe_dict() -> None:
+    s = load_settings(env={"LW_CLICKHOUSE_PASSWORD": "hunter2", "LW_WEB_TOKEN": "tok-123"})
+    assert "hunter2" not in repr(s) and "tok-123" not in repr(s)
+    assert "hunter2" not in str(s.safe_dict()) and s.safe_dict()["web_token"] == "***"
+    with pytest.raises(SettingsError) as info:
+        load_settings(env={"LW_CLICKHOUSE_SECURE": "maybe"})
+    assert isinstance(Settings(), Settings) and "maybe" in str(info.value)
