@@ -44,8 +44,13 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.app import parse_agents
     from streams.worker import run_worker
 
+    try:
+        parse_agents(args.agents or settings.agents)
+    except ValueError as exc:
+        raise UsageError(f"layerwatch worker: {exc}") from None
     if args.agents:
         settings = settings.replace(agents=args.agents)
     if args.web_port:

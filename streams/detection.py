@@ -206,7 +206,7 @@ class DriftStage:
             self.executor,
             lambda: reference.tester.analyze(layers, k=s.top_k, repeats=s.detection_repeats,
                                              m=min(s.detection_m, window.n_samples), alpha=s.alpha,
-                                             window_classes=window.predicted),
+                                             window_classes=window.predicted if s.shift_adjust else None),
         )
         elapsed = time.perf_counter() - started
         metrics = self.runtime.metrics

@@ -72,6 +72,7 @@ class Settings:
     detection_m: int = 100
     alpha: float = 0.05
     top_k: int = 20
+    shift_adjust: bool = False  # LADIS shift_adjust: sample the reference by the window's predicted-class mix
     # alerts
     alert_detection_rate: float = 0.5
     alert_consecutive: int = 2

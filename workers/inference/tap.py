@@ -20,7 +20,8 @@ average pooling** over the spatial axes (a conv map ``(n, C, H, W)`` becomes
 the reference embeddings require. Two-dimensional tensors are kept as they are.
 
 Hooks only record while :meth:`LayerTap.tap` runs, so attacks and training that call
-the same module pay nothing. All matrices of one call (outputs included) are cast on
+the same module pay nothing; a hook pools (or clones) what it sees at once, so a later
+in-place operation in the model cannot change a tapped value. All matrices of one call (outputs included) are cast on
 the device, concatenated and copied to the host **once**, then split into numpy views.
 Works under ``torch.inference_mode()`` and ``torch.no_grad()``.
 

@@ -7,7 +7,6 @@ until the lead registers it in tests/conftest.py).
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -16,20 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-try:
-    from tests.waiting import wait_until
-except ImportError:  # the colleague's helper is not there yet: same contract, polled with a deadline
-
-    def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-                   message: str | None = None) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                raise AssertionError(message or f"condition not met within {timeout} s")
-            time.sleep(interval)
+from tests.waiting import wait_until
 
 
 def demo_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -66,8 +52,9 @@ def consume_all(bootstrap: str, topic: str, expected: Callable[[list], bool], ti
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", fetch_max_wait_ms=100)
     try:
-        partitions = wait_until(lambda: consumer.partitions_for_topic(topic), timeout=timeout,
-                                message=f"topic {topic} never appeared")
+        wait_until(lambda: bool(consumer.partitions_for_topic(topic)), timeout=timeout,
+                   message=f"topic {topic} never appeared")
+        partitions = consumer.partitions_for_topic(topic)
         consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
         consumer.seek_to_beginning()
         records: list = []
@@ -77,7 +64,7 @@ def consume_all(bootstrap: str, topic: str, expected: Callable[[list], bool], ti
                 records.extend(batch)
             return expected(records)
 
-        wait_until(more, timeout=timeout, interval=0.0, message=f"expected records never arrived on {topic}")
+        wait_until(more, timeout=timeout, interval=0.01, message=f"expected records never arrived on {topic}")
         return records
     finally:
         consumer.close()

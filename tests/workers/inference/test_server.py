@@ -10,7 +10,8 @@ import pytest
 from kafka import KafkaProducer
 
 from schemas.codec import decode_batch, encode
-from tests.workers.inference.conftest import consume_all, http, post_json, wait_until
+from tests.waiting import wait_until
+from tests.workers.inference.conftest import consume_all, http, post_json
 from workers.inference.data import demo_split
 from workers.inference.server import ModelServer, ServerThread
 
