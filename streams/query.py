@@ -28,23 +28,18 @@ def worker_answers(settings: Settings, timeout: float = 1.0) -> bool:
         return False
 
 
-def resolve_sql(sql: str) -> str:
-    """'@name' names a shipped query in deploy/clickhouse/queries."""
+def resolve_sql(sql: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """'@name' names a shipped query in deploy/clickhouse/queries; its declared defaults fill in."""
     if not sql.startswith("@"):
-        return sql
-    from streams.store.queries import shipped_queries
+        return sql, params
+    from streams.store.queries import prepare_shipped
 
-    queries = shipped_queries()
-    name = sql[1:]
-    if name not in queries:
-        raise StoreError(f"no shipped query {name!r}; known: {', '.join(sorted(queries))}")
-    return queries[name]
+    return prepare_shipped(sql[1:], params, coerce=True)
 
 
 def run_query(settings: Settings, sql: str, params: dict[str, Any] | None = None) -> tuple[list[str], list[list]]:
     """Column names and rows of a read-only query against the configured store."""
-    sql = resolve_sql(sql)
-    params = params or {}
+    sql, params = resolve_sql(sql, params or {})
     if settings.clickhouse_url.startswith("chdb://") and worker_answers(settings):
         return _query_worker(settings, sql, params)
     from streams.store import open_store_from_settings

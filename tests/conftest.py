@@ -83,3 +83,16 @@ def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
     yield url
     if server.is_running():
         _drop_database(url, database)
+
+
+# ============================================================== demo models
+
+
+@pytest.fixture(scope="session")
+def demo_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dir with the demo models trained once per session (same path as the inference tests use)."""
+    from workers.inference.models import load_demo_models
+
+    path = tmp_path_factory.getbasetemp() / "layerwatch-state"
+    load_demo_models(path, progress=False)
+    return path

@@ -55,10 +55,12 @@ def query_params(sql: str) -> dict[str, Any]:
     return params
 
 
-def run_shipped(store: Store, name: str, *, queries_dir: Path | str | None = None,
-                **params: Any) -> Result:
-    """Run shipped query ``name`` read-only with ``params`` over its defaults;
-    return ``Result(columns, rows)``."""
+def prepare_shipped(name: str, params: dict[str, Any], *, queries_dir: Path | str | None = None,
+                    coerce: bool = False) -> tuple[str, dict[str, Any]]:
+    """SQL and parameter values of shipped query ``name``: ``params`` over the declared defaults.
+
+    ``coerce`` converts string values (from a command line) to the type of the default.
+    """
     queries = shipped_queries(queries_dir)
     if name not in queries:
         raise StoreError(f"unknown shipped query {name!r}; have: {', '.join(queries)}")
@@ -68,8 +70,23 @@ def run_shipped(store: Store, name: str, *, queries_dir: Path | str | None = Non
     if unknown:
         raise StoreError(f"query {name!r} has no parameter(s) {', '.join(sorted(unknown))}")
     values = {k: v for k, v in declared.items() if v is not REQUIRED}
-    values.update(params)
+    for key, value in params.items():
+        default = declared[key]
+        if coerce and isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            try:
+                value = type(default)(value)
+            except ValueError:
+                raise StoreError(f"parameter {key}={value!r} is not a {type(default).__name__}") from None
+        values[key] = value
     missing = [k for k, v in declared.items() if k not in values]
     if missing:
         raise StoreError(f"query {name!r} needs parameter(s) {', '.join(missing)}")
+    return sql, values
+
+
+def run_shipped(store: Store, name: str, *, queries_dir: Path | str | None = None,
+                **params: Any) -> Result:
+    """Run shipped query ``name`` read-only with ``params`` over its defaults;
+    return ``Result(columns, rows)``."""
+    sql, values = prepare_shipped(name, params, queries_dir=queries_dir)
     return store.query_columns(sql, values, readonly=True)
