@@ -75,7 +75,14 @@ def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.demo import run_demo
 
-    return run_demo(settings, seconds=args.seconds, summary_path=args.summary)
+    from workers.inference.traffic import parse_phases
+
+    try:
+        parse_phases(args.phases)
+    except ValueError as exc:
+        raise UsageError(f"layerwatch demo: {exc}") from None
+    return run_demo(settings, seconds=args.seconds, summary_path=args.summary, phases=args.phases,
+                    rate=args.rate, keep=args.keep)
 
 
 def build_parser() -> Parser:
@@ -86,6 +93,10 @@ def build_parser() -> Parser:
     p = sub.add_parser("demo", help="run the whole pipeline on this machine and show what it detects")
     p.add_argument("--seconds", type=float, default=None, help="bound the run (default: the full scenario)")
     p.add_argument("--summary", help="write the figures as JSON to this path")
+    p.add_argument("--phases", default="clean:16,pgd@cnn:12,clean:16,fgsm@resnet:12",
+                   help="traffic phases, name:seconds (attack@model targets one model)")
+    p.add_argument("--rate", type=float, default=150.0, help="events per second over all models")
+    p.add_argument("--keep", action="store_true", help="keep everything running after the scenario (Ctrl-C stops)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("broker", help="run the embedded Tansu broker in the foreground (memory only)")

@@ -1,19 +1,39 @@
-"""`layerwatch demo`: the whole pipeline on this machine, with nothing configured."""
+"""`layerwatch demo`: the whole pipeline on this machine, with nothing configured.
+
+Starts the embedded broker, the worker (all agents, chDB store) and the model server as
+child processes; trains or loads the demo models, their attack sets and the attack
+classifier (cached under the state dir); publishes the reference; sends clean → PGD →
+clean → FGSM traffic with one probing client while a live table shows the windows,
+label mix and alerts; then answers "since when, which model, which requests" from
+ClickHouse and writes the figures with ``--summary``.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
 
+from streams.broker import free_port
 from streams.settings import Settings
-from streams.stack import LocalStack, http_json, wait_for
+from streams.stack import LocalStack, StackError, http_json, wait_for
 
 console = Console()
+
+DEFAULT_PHASES = "clean:16,pgd@cnn:12,clean:16,fgsm@resnet:12"
+DEFAULT_RATE = 150.0
+WINDOW_S, STEP_S = 4.0, 2.0
+PENULTIMATE = "penultimate"
 
 
 def publish_round_trip(bootstrap: str, topic: str, n_batches: int = 10, batch_size: int = 64, seed: int = 0) -> list[str]:
@@ -39,35 +59,257 @@ def publish_round_trip(bootstrap: str, topic: str, n_batches: int = 10, batch_si
     return sent
 
 
-def run_demo(settings: Settings, seconds: float | None = None, summary_path: str | None = None) -> int:
-    """Round trip publisher → Kafka → Faust worker → ClickHouse, printing what landed."""
-    state_dir = Path(settings.state_dir) / "demo"
+def scaled_phases(spec: str, seconds: float | None, overhead_s: float = 20.0) -> str:
+    """The phases stretched or shrunk so traffic fits ``seconds`` minus start-up overhead (each ≥ 4 s)."""
+    from workers.inference.traffic import parse_phases
+
+    phases = parse_phases(spec)
+    if seconds is None:
+        return spec
+    total = sum(p.seconds for p in phases)
+    factor = max(seconds - overhead_s, 4.0 * len(phases)) / total
+    return ",".join(f"{p.name}:{max(4.0, round(p.seconds * factor, 1))}" for p in phases)
+
+
+@dataclass
+class DemoState:
+    """What the live view shows, refreshed from the worker's API."""
+
+    windows: list[list] = field(default_factory=list)
+    labels: list[list] = field(default_factory=list)
+    alerts: list[list] = field(default_factory=list)
+    phase: str = "starting"
+
+
+class WorkerAPI:
+    def __init__(self, url: str, token: str = ""):
+        self.url, self.token = url, token
+
+    def rows(self, sql: str, **params: Any) -> list[list]:
+        status, body = http_json(f"{self.url}/api/query", {"sql": sql, "params": params}, token=self.token, timeout=30)
+        if status != 200:
+            raise StackError(f"worker query failed ({status}): {body.get('error', body)}")
+        return body["rows"]
+
+    def shipped(self, name: str, **params: Any) -> tuple[list[str], list[list]]:
+        from streams.store.queries import prepare_shipped
+
+        sql, values = prepare_shipped(name, params)
+        status, body = http_json(f"{self.url}/api/query", {"sql": sql, "params": values}, token=self.token, timeout=30)
+        if status != 200:
+            raise StackError(f"worker query failed ({status}): {body.get('error', body)}")
+        return body["columns"], body["rows"]
+
+
+def _prepare(state_dir: Path, phases: str) -> None:
+    """Models, attack sets and the classifier, trained once and cached (progress bars on first run)."""
+    from workers.attacks import generate
+    from workers.inference.data import demo_split
+    from workers.inference.models import load_demo_models
+    from workers.inference.traffic import parse_phases
+
+    models = load_demo_models(state_dir, progress=True)
+    split = demo_split(0)
+    needed = {(p.target, p.attack) for p in parse_phases(phases) if p.attack}
+    for target, attack in sorted(needed, key=str):
+        for name in ([target] if target else sorted(models)):
+            with console.status(f"adversarial test set: {attack} on {name}"):
+                generate(models[name].module, split.x_test, split.y_test, attack, seed=0, state_dir=state_dir,
+                         model_name=name)
+    try:
+        from workers.classifier.cli import classifier_path, train
+    except ImportError:
+        console.print("[yellow]attack classifier not available; labels are skipped[/]")
+        return
+    if not classifier_path(state_dir).exists():
+        console.print("training the attack classifier (first run only)")
+        train(state_dir, progress=True)
+
+
+def _live_view(state: DemoState) -> Group:
+    windows = Table(title=f"windows (penultimate layer) — phase: {state.phase}", expand=False)
+    for column in ("model", "window end", "n", "detection rate", "p-value"):
+        windows.add_column(column)
+    for model, end_ms, n, rate, p in state.windows[-8:]:
+        style = "bold red" if rate >= 0.5 else ""
+        windows.add_row(model, time.strftime("%H:%M:%S", time.gmtime(end_ms / 1000)), str(n), f"{rate:.2f}", f"{p:.3f}",
+                        style=style)
+    labels = Table(title="classifier labels (last 10 s)")
+    for column in ("model", "attack type", "events", "target model"):
+        labels.add_column(column)
+    for row in state.labels:
+        labels.add_row(*(str(v) for v in row))
+    alerts = Table(title="open alerts")
+    for column in ("kind", "model", "client", "opened"):
+        alerts.add_column(column)
+    for kind, model, client, opened in state.alerts:
+        alerts.add_row(kind, model, client, time.strftime("%H:%M:%S", time.gmtime(opened / 1000)), style="red")
+    return Group(windows, labels, alerts)
+
+
+def _refresh(api: WorkerAPI, state: DemoState) -> None:
+    state.windows = api.rows(
+        "SELECT model_id, window_end_ms, n_window, detection_rate, p_value FROM drift_windows FINAL "
+        "WHERE layer = 'penultimate' ORDER BY window_end_ms DESC, model_id LIMIT 8")[::-1]
+    since = int(time.time() * 1000) - 10_000
+    state.labels = api.rows(
+        "SELECT model_id, attack_type, count() AS n, any(target_model) FROM attack_labels FINAL "
+        "WHERE ts_ms >= {since} GROUP BY model_id, attack_type ORDER BY model_id, n DESC", since=since)
+    state.alerts = api.rows(
+        "SELECT kind, model_id, client_id, min(ts_ms) FROM alerts FINAL GROUP BY alert_id, kind, model_id, client_id "
+        "HAVING countIf(state = 'resolved') = 0 ORDER BY min(ts_ms)")
+
+
+def phase_figures(windows: np.ndarray, models: list[str], phase: dict[str, Any]) -> dict[str, Any]:
+    """Penultimate-layer windows lying inside one phase (its target model only, for a targeted attack)."""
+    if windows.size == 0:
+        inside = np.zeros(0, bool)
+    else:
+        start, end = windows["start"], windows["end"]
+        wanted = [phase["target"]] if phase.get("target") else models
+        inside = (start >= phase["start_ms"]) & (end <= phase["end_ms"]) & np.isin(windows["model"], wanted)
+    rates = windows["rate"][inside] if windows.size else np.zeros(0)
+    return {
+        "name": phase["name"], "attack": phase["attack"], "target": phase.get("target"),
+        "start_ms": phase["start_ms"], "end_ms": phase["end_ms"], "windows": int(inside.sum()),
+        "detection_rate_mean": float(rates.mean()) if rates.size else None,
+        "detection_rate_max": float(rates.max()) if rates.size else None,
+    }
+
+
+def run_demo(settings: Settings, seconds: float | None = None, summary_path: str | None = None,
+             phases: str = DEFAULT_PHASES, rate: float = DEFAULT_RATE, keep: bool = False) -> int:
+    """Run the demo scenario end to end; returns the exit code."""
+    from workers.inference.traffic import publish_reference, simulate
+
     started = time.monotonic()
-    with LocalStack(state_dir=state_dir, clickhouse_url=f"chdb://{state_dir / 'store'}") as stack:
-        with console.status("starting the embedded broker and the worker"):
+    state_dir = Path(settings.state_dir)
+    demo_dir = state_dir / "demo"
+    shutil.rmtree(demo_dir / "store", ignore_errors=True)  # each demo run starts from an empty store
+    phases = scaled_phases(phases, seconds)
+    _prepare(state_dir, phases)
+    token = settings.web_token
+    with LocalStack(state_dir=state_dir, log_dir=demo_dir, clickhouse_url=f"chdb://{demo_dir / 'store'}") as stack:
+        stack.env = {"LW_WINDOW_SIZE_S": str(WINDOW_S), "LW_WINDOW_STEP_S": str(STEP_S)}
+        with console.status("starting the embedded broker, the worker and the model server"):
             bootstrap = stack.start_broker()
-            _, url = stack.start_worker()
-        console.print(f"broker at [bold]{bootstrap}[/], worker at [bold]{url}[/]")
-        ids = publish_round_trip(bootstrap, settings.topic("predictions"))
-        console.print(f"published {len(ids)} predictions in {len(ids) // 64} micro-batches")
-        sql = "SELECT uniqExact(event_id) FROM predictions WHERE event_id IN {ids}"
+            server_port = free_port()
+            server = stack.spawn("server", ["serve", "--port", str(server_port)])
+            _, worker_url = stack.start_worker(web_port=settings.web_port if keep else None)
+            server_url = f"http://127.0.0.1:{server_port}"
+            wait_for(lambda: http_json(f"{server_url}/health", timeout=1.0)[0] == 200, 120, "the model server",
+                     alive=server.check)
+        api = WorkerAPI(worker_url, token)
+        console.print(f"broker [bold]{bootstrap}[/]  worker [bold]{worker_url}[/]  model server [bold]{server_url}[/]")
+        console.print(f"dashboard: [bold underline]{worker_url}/{'#token=' + token if token else ''}[/]")
+        counts = publish_reference(bootstrap, state_dir, topic=settings.topic("predictions"), progress=True)
+        expected = sum(counts.values())
+        wait_for(lambda: api.rows("SELECT count() FROM reference_embeddings FINAL")[0][0] >= expected, 60,
+                 "the reference in ClickHouse")
+        models = sorted(counts)
 
-        def landed() -> int:
-            status, body = http_json(f"{url}/api/query", {"sql": sql, "params": {"ids": ids}})
-            return int(body["rows"][0][0]) if status == 200 else -1
+        result: dict[str, Any] = {}
 
-        with console.status("waiting for the rows in ClickHouse"):
-            wait_for(lambda: landed() == len(ids), timeout=seconds or 120, message="the rows in ClickHouse")
-        _, body = http_json(f"{url}/api/query", {"sql": (
-            "SELECT model_id, client_id, count() AS n, round(avg(confidence), 3) AS mean_confidence "
-            "FROM predictions GROUP BY model_id, client_id ORDER BY client_id")})
-        from streams.query import format_result
+        def traffic() -> None:
+            try:
+                result["report"] = simulate(server_url, phases, rate=rate, models=models, clients=4,
+                                            probing_client=True, probing_share=0.05, progress=False,
+                                            state_dir=state_dir)
+            except Exception as exc:  # reported by the main thread
+                result["error"] = exc
 
-        console.print(format_result(body["columns"], body["rows"]))
-        elapsed = time.monotonic() - started
-        console.print(f"{landed()} of {len(ids)} predictions landed in ClickHouse; {elapsed:.1f} s in all")
+        sender = threading.Thread(target=traffic, name="demo-traffic", daemon=True)
+        view = DemoState(phase=phases)
+        sender.start()
+        with Live(_live_view(view), console=console, refresh_per_second=2) as live:
+            while sender.is_alive():
+                sender.join(timeout=1.0)
+                try:
+                    _refresh(api, view)
+                except StackError:
+                    pass
+                live.update(_live_view(view))
+            if "error" in result:
+                raise StackError(f"traffic simulation failed: {result['error']}")
+            report = result["report"]
+            last_end = max(p["end_ms"] for p in report.phases)
+            wait_for(lambda: (api.rows("SELECT max(window_end_ms) FROM drift_windows")[0][0] or 0) >= last_end,
+                     timeout=30, message="the last windows")
+            _refresh(api, view)
+            live.update(_live_view(view))
+        summary = _summary(api, report, models, counts, worker_url, server_url)
+        summary["seconds"] = round(time.monotonic() - started, 1)
+        _print_answers(api, summary)
         if summary_path:
-            Path(summary_path).write_text(json.dumps({
-                "events_published": len(ids), "events_stored": landed(), "seconds": round(elapsed, 2),
-            }, indent=2))
+            Path(summary_path).write_text(json.dumps(summary, indent=2))
+            console.print(f"summary written to {summary_path}")
+        console.print(f"demo finished in {summary['seconds']:.0f} s; logs in {demo_dir}")
+        if keep:
+            console.print(f"still serving; dashboard at {worker_url}/ — Ctrl-C stops everything")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
     return 0
+
+
+def _summary(api: WorkerAPI, report: Any, models: list[str], counts: dict[str, int], url: str,
+             server_url: str) -> dict[str, Any]:
+    rows = api.rows("SELECT model_id, window_start_ms, window_end_ms, detection_rate FROM drift_windows FINAL "
+                    "WHERE layer = 'penultimate' ORDER BY window_end_ms")
+    windows = np.array([tuple(r) for r in rows], dtype=[("model", "U64"), ("start", "i8"), ("end", "i8"), ("rate", "f8")])
+    alerts = api.rows(
+        "SELECT kind, model_id, client_id, minIf(ts_ms, state = 'open') AS opened, maxIf(ts_ms, state = 'resolved') "
+        "FROM alerts FINAL GROUP BY alert_id, kind, model_id, client_id ORDER BY opened")
+    stored = api.rows("SELECT uniqExact(event_id) FROM predictions WHERE ts_ms >= {since}",
+                      since=min(p["start_ms"] for p in report.phases))[0][0]
+    _, server_health = http_json(f"{server_url}/health", timeout=5)
+    restricted = sorted(server_health.get("restricted_clients", {}))
+    probing = sorted({a[2] for a in alerts if a[0] == "probing"})
+    return {
+        "phases": [phase_figures(windows, models, p) for p in report.phases],
+        "alerts": [{"kind": k, "model_id": m, "client_id": c, "opened_ms": o, "resolved_ms": r or None}
+                   for k, m, c, o, r in alerts],
+        "throttled_clients": sorted(set(restricted) | set(probing)),
+        "events_published": int(report.accepted),
+        "events_stored": int(stored),
+        "reference_events": int(sum(counts.values())),
+        "dashboard_url": f"{url}/",
+        "rate": report.rate_achieved,
+    }
+
+
+def _print_answers(api: WorkerAPI, summary: dict[str, Any]) -> None:
+    from streams.query import format_result
+
+    console.rule("what ClickHouse says")
+    shift = [a for a in summary["alerts"] if a["kind"] == "distribution_shift"]
+    console.print("[bold]since when, which model[/] (distribution-shift alerts and the window that opened each):")
+    for alert in shift:
+        rows = api.rows("SELECT window_id, ts_ms FROM alerts FINAL WHERE model_id = {m} AND kind = 'distribution_shift' "
+                        "AND state = 'open' AND ts_ms = {t} LIMIT 1", m=alert["model_id"], t=alert["opened_ms"])
+        window_id = rows[0][0] if rows else "?"
+        opened = time.strftime("%H:%M:%S", time.gmtime(alert["opened_ms"] / 1000))
+        console.print(f"  model [bold]{alert['model_id']}[/] since {opened} UTC (window {window_id})")
+        if rows:
+            columns, top = api.shipped("top_suspicious_events", window_id=window_id, limit=5)
+            keep = [c for c in ("event_id", "score", "client_id", "predicted", "attack") if c in columns]
+            idx = [columns.index(c) for c in keep]
+            console.print("  [bold]which requests[/]: the most suspicious events of that window")
+            console.print(format_result(keep, [[r[i] for i in idx] for r in top]))
+    console.print("[bold]alerts[/]:")
+    console.print(format_result(["kind", "model", "client", "opened_ms", "resolved_ms"],
+                                [[a["kind"], a["model_id"], a["client_id"], a["opened_ms"], a["resolved_ms"]]
+                                 for a in summary["alerts"]]))
+    table = Table(title="phases (penultimate layer)")
+    for column in ("phase", "windows", "mean detection rate", "max"):
+        table.add_column(column)
+    for p in summary["phases"]:
+        mean = "-" if p["detection_rate_mean"] is None else f"{p['detection_rate_mean']:.2f}"
+        peak = "-" if p["detection_rate_max"] is None else f"{p['detection_rate_max']:.2f}"
+        table.add_row(p["name"], str(p["windows"]), mean, peak)
+    console.print(table)
+    console.print(f"throttled clients: {', '.join(summary['throttled_clients']) or 'none'}; "
+                  f"events published {summary['events_published']}, stored {summary['events_stored']}")
+    console.print(f"dashboard: {summary['dashboard_url']}")

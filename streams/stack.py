@@ -92,6 +92,7 @@ class LocalStack:
     """An embedded broker (unless a bootstrap is given) and layerwatch processes sharing one environment."""
 
     state_dir: Path
+    log_dir: Path | None = None
     clickhouse_url: str | None = None
     bootstrap: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
@@ -100,8 +101,9 @@ class LocalStack:
 
     def start_broker(self) -> str:
         if self.bootstrap is None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self.broker = EmbeddedBroker(log_path=self.state_dir / "tansu.log").start()
+            log_dir = self.log_dir or self.state_dir
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.broker = EmbeddedBroker(log_path=log_dir / "tansu.log").start()
             self.bootstrap = self.broker.bootstrap
         return self.bootstrap
 
@@ -116,9 +118,10 @@ class LocalStack:
         return env
 
     def spawn(self, name: str, args: list[str], **env: str) -> Child:
-        """Start `layerwatch <args>` with the stack's environment; output goes to <state_dir>/<name>.log."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.state_dir / f"{name}.log"
+        """Start `layerwatch <args>` with the stack's environment; output goes to <log_dir>/<name>.log."""
+        log_dir = self.log_dir or self.state_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{name}.log"
         log = open(log_path, "ab")
         process = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=self.child_env(**env),
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -147,6 +147,16 @@ class ClientPolicy:
                 found = "throttle"
         return found
 
+    def in_force(self, now_ms: int | None = None) -> dict[str, str]:
+        """Clients under an unexpired action: client id -> 'throttle' or 'block'."""
+        now_ms = _now_ms() if now_ms is None else now_ms
+        with self._lock:
+            out: dict[str, str] = {}
+            for (client, _model), (kind, until, _reason) in self._actions.items():
+                if until > now_ms and out.get(client) != "block":
+                    out[client] = kind
+            return out
+
     def take(self, client: str, cost: float, throttled: bool, now: float | None = None) -> float:
         """Take ``cost`` tokens; returns 0.0 when allowed, else the seconds to wait before retrying."""
         rate = self.throttle_rate if throttled else self.rate
@@ -474,6 +484,7 @@ class ModelServer:
             "published": self.counters["published"],
             "publish_errors": publish_errors,
             "actions": listener,
+            "restricted_clients": self.policy.in_force(),
         })
 
     async def _predict(self, request: web.Request) -> web.Response:

@@ -571,8 +571,9 @@ class MMDTester:
 
         ``shift_adjust`` (default: on when both ``reference_classes`` and
         ``window_classes`` are known) draws the reference rows with the predicted-class
-        mix of each repeat's window rows (LADIS's shift_adjust), so a change of class
-        mix alone does not read as an attack. ``seed`` overrides the tester's seed.
+        mix of each repeat's window rows (LADIS's shift_adjust; as many reference rows
+        as window rows, matched class by class), so a change of class mix alone does
+        not read as an attack. ``seed`` overrides the tester's seed.
         """
         t0 = time.perf_counter()
         if not 0.0 < alpha < 1.0:

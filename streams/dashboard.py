@@ -1,0 +1,620 @@
+"""The live drift dashboard: an HTML page, its static assets and JSON data views on the worker's web server.
+
+Routes (Faust views on the worker's HTTP server, ``LW_WEB_HOST``:``LW_WEB_PORT``):
+
+- ``GET /`` and ``GET /dashboard``: the page (``streams/static/dashboard.html``). It always
+  loads; it holds no data.
+- ``GET /static/plotly.min.js``: plotly.js from the ``plotly`` Python package
+  (``plotly/package_data/plotly.min.js``), so the page works offline; ``/static/dashboard.js``
+  and ``/static/dashboard.css`` from ``streams/static/``.
+- ``GET /api/dashboard/models``: models and their layers in the time range.
+- ``GET /api/dashboard/drift``: per model and layer the tested windows (detection rate,
+  p-value), the alert threshold, and the distribution_shift alert bands per model.
+- ``GET /api/dashboard/labels``: the attack classifier's label mix per time bucket.
+- ``GET /api/dashboard/alerts``: open alerts (any age) and alerts of the time range.
+- ``GET /api/dashboard/window?window_id=...``: one window's most suspicious events, with
+  the model's input (the demo's 8x8 digit images) when the publisher sent it.
+
+Every data view takes ``minutes`` (default 15, at most 1440) and answers 401 without
+``Authorization: Bearer <LW_WEB_TOKEN>`` when a token is configured. The page reads the
+token from the URL fragment (``http://host:port/#token=...``; a fragment never reaches the
+server, so it cannot land in access logs), keeps it in the tab's sessionStorage, removes it
+from the address bar and sends it on every fetch; without one it asks for it in a form.
+
+All SQL is below as named constants, bounded by a time range and a LIMIT, and runs on
+ClickHouse 18.16 and chDB 26. The data functions take an awaitable ``query(sql, params)
+-> (column names, rows)`` so that tests run them on a store without a web server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import math
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PAGE = "dashboard.html"
+STATIC_FILES = {  # name -> content type; nothing else under /static is served
+    "dashboard.js": "application/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+PLOTLY_JS = "plotly.min.js"
+
+COMBINED = "__combined__"
+DEFAULT_MINUTES = 15
+MAX_MINUTES = 1440
+MAX_DRIFT_ROWS = 50_000  # window points over all series in one answer
+MAX_MODEL_ROWS = 1_000
+MAX_ALERTS = 500
+DEFAULT_ALERTS = 100
+MAX_BAND_ROWS = 5_000
+MAX_LABEL_ROWS = 20_000
+LABEL_BUCKETS = 120  # target number of label-mix buckets over the range
+DEFAULT_EVENTS = 20
+MAX_EVENTS = 100
+MAX_ID_CHARS = 512
+
+QueryFn = Callable[[str, Mapping[str, Any]], Awaitable[tuple[Sequence[str], Sequence[Sequence[Any]]]]]
+
+# ----------------------------------------------------------------------------- SQL
+# Placeholders are rendered client-side by streams/store/sql.py. No window functions,
+# DateTime64 or toStartOfInterval (ClickHouse 18.16); ReplacingMergeTree tables are read
+# with FINAL or counted with uniqExact; joins are ANY LEFT JOIN (...) AS alias USING (...).
+
+MODEL_LAYERS_SQL = """
+SELECT model_id, layer, uniqExact(window_id) AS windows, max(window_end_ms) AS last_ms,
+       argMax(detection_rate, window_end_ms) AS last_detection_rate
+FROM drift_windows
+WHERE window_end_ms >= {since_ms}
+GROUP BY model_id, layer
+ORDER BY model_id, layer
+LIMIT {limit}
+"""
+
+MODEL_EVENTS_SQL = """
+SELECT model_id, uniqExact(event_id) AS events, max(ts_ms) AS last_ms
+FROM predictions
+WHERE ts_ms >= {since_ms}
+GROUP BY model_id
+ORDER BY model_id
+LIMIT {limit}
+"""
+
+DRIFT_SQL = """
+SELECT model_id, layer, window_id, model_version, window_start_ms, window_end_ms,
+       detection_rate, p_value, mmd2, n_window, n_reference
+FROM drift_windows FINAL
+WHERE window_end_ms >= {since_ms}
+  AND ({model_id} = '' OR model_id = {model_id})
+  AND ({layer} = '' OR layer = {layer})
+ORDER BY window_end_ms DESC, model_id, layer
+LIMIT {limit}
+"""
+
+# Both rows (open, resolved) of every distribution_shift alert that is still open or
+# touched the time range; bands are paired up in Python (alert_bands).
+ALERT_BANDS_SQL = """
+SELECT alert_id, model_id, state, ts_ms, severity, window_id
+FROM alerts FINAL
+WHERE kind = 'distribution_shift'
+  AND ({model_id} = '' OR model_id = {model_id})
+  AND alert_id IN
+  (
+      SELECT alert_id FROM alerts
+      WHERE kind = 'distribution_shift'
+      GROUP BY alert_id
+      HAVING countIf(state = 'resolved') = 0 OR max(ts_ms) >= {since_ms}
+  )
+ORDER BY ts_ms, alert_id, state
+LIMIT {limit}
+"""
+
+LABEL_MIX_SQL = """
+SELECT intDiv(ts_ms, {bucket_ms}) * {bucket_ms} AS bucket_start_ms, attack_type,
+       uniqExact(event_id) AS events
+FROM attack_labels
+WHERE ts_ms >= {since_ms}
+  AND ({model_id} = '' OR model_id = {model_id})
+GROUP BY bucket_start_ms, attack_type
+ORDER BY bucket_start_ms, attack_type
+LIMIT {limit}
+"""
+
+# One row per alert pairing its open and resolved rows: every open alert, whatever its
+# age, and every alert that opened or resolved in the range; open ones first.
+ALERTS_SQL = """
+SELECT
+    alert_id,
+    any(m) AS model_id,
+    any(k) AS kind,
+    if(countIf(st = 'resolved') > 0, 'resolved', 'open') AS status,
+    if(countIf(st = 'open') > 0, anyIf(sev, st = 'open'), any(sev)) AS severity,
+    if(countIf(st = 'open') > 0, minIf(t, st = 'open'), min(t)) AS opened_ms,
+    maxIf(t, st = 'resolved') AS resolved_ms,
+    if(countIf(st = 'open') > 0, anyIf(w, st = 'open'), any(w)) AS window_id,
+    max(ne) AS n_events,
+    anyIf(c, st = 'open') AS client_id,
+    if(countIf(st = 'open') > 0, anyIf(msg, st = 'open'), any(msg)) AS message,
+    anyIf(msg, st = 'resolved') AS resolution
+FROM
+(
+    SELECT alert_id, model_id AS m, kind AS k, state AS st, severity AS sev, ts_ms AS t,
+           window_id AS w, length(event_ids) AS ne, client_id AS c, message AS msg
+    FROM alerts FINAL
+    WHERE ({model_id} = '' OR model_id = {model_id})
+)
+GROUP BY alert_id
+HAVING status = 'open' OR opened_ms >= {since_ms} OR resolved_ms >= {since_ms}
+ORDER BY status = 'open' DESC, opened_ms DESC, alert_id
+LIMIT {limit}
+"""
+
+WINDOW_SQL = """
+SELECT layer, model_id, model_version, window_start_ms, window_end_ms, detection_rate, p_value,
+       mmd2, n_window, n_reference
+FROM drift_windows FINAL
+WHERE window_id = {window_id}
+ORDER BY layer
+LIMIT 100
+"""
+
+# The window's top events (best score per event over the chosen layer, or all layers)
+# joined with the predictions they came from.
+WINDOW_EVENTS_SQL = """
+SELECT event_id, model_id, score, rank, layer, client_id, predicted, confidence, ts_ms, attack
+FROM
+(
+    SELECT event_id, any(m) AS model_id, max(sc) AS score, min(rk) AS rank, argMax(l, sc) AS layer
+    FROM
+    (
+        SELECT event_id, model_id AS m, layer AS l, score AS sc, rank AS rk
+        FROM sample_scores FINAL
+        WHERE window_id = {window_id} AND ({layer} = '' OR layer = {layer})
+    )
+    GROUP BY event_id
+) AS s
+ANY LEFT JOIN
+(
+    SELECT event_id, model_id, client_id, predicted, confidence, ts_ms, attack
+    FROM predictions FINAL
+    WHERE event_id IN (SELECT event_id FROM sample_scores WHERE window_id = {window_id})
+) AS p USING (event_id, model_id)
+ORDER BY score DESC, event_id
+LIMIT {limit}
+"""
+
+WINDOW_LABELS_SQL = """
+SELECT event_id, argMax(attack_type, ts_ms) AS attack_type, argMax(attack_prob, ts_ms) AS attack_prob,
+       argMax(p_adversarial, ts_ms) AS p_adversarial, argMax(target_model, ts_ms) AS target_model
+FROM attack_labels
+WHERE model_id = {model_id} AND event_id IN {ids}
+GROUP BY event_id
+LIMIT {limit}
+"""
+
+WINDOW_INPUTS_SQL = """
+SELECT event_id, any(input) AS input
+FROM predictions_inputs
+WHERE model_id = {model_id} AND event_id IN {ids}
+GROUP BY event_id
+LIMIT {limit}
+"""
+
+QUERIES = {
+    "model_layers": MODEL_LAYERS_SQL, "model_events": MODEL_EVENTS_SQL, "drift": DRIFT_SQL,
+    "alert_bands": ALERT_BANDS_SQL, "label_mix": LABEL_MIX_SQL, "alerts": ALERTS_SQL, "window": WINDOW_SQL,
+    "window_events": WINDOW_EVENTS_SQL, "window_labels": WINDOW_LABELS_SQL, "window_inputs": WINDOW_INPUTS_SQL,
+}
+
+# ------------------------------------------------------------------------ pure helpers
+
+
+class BadParameter(ValueError):
+    """A request parameter that cannot be used (answered with 400)."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def bounded_int(value: Any, default: int, low: int, high: int, name: str) -> int:
+    """An integer request parameter clamped to [low, high]; empty means the default."""
+    if value is None or value == "":
+        return default
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise BadParameter(f"{name} must be a number") from None
+    return max(low, min(high, number))
+
+
+def text_param(value: Any, name: str) -> str:
+    """A string request parameter (model id, layer, window id), empty when absent."""
+    text = "" if value is None else str(value)
+    if len(text) > MAX_ID_CHARS:
+        raise BadParameter(f"{name} is longer than {MAX_ID_CHARS} characters")
+    return text
+
+
+def parse_minutes(value: Any) -> int:
+    """The ``minutes`` parameter: default 15, between 1 and 1440."""
+    return bounded_int(value, DEFAULT_MINUTES, 1, MAX_MINUTES, "minutes")
+
+
+def bucket_ms_for(minutes: int, buckets: int = LABEL_BUCKETS) -> int:
+    """A round bucket width giving at most about ``buckets`` buckets over the range (>= 5 s)."""
+    raw_s = minutes * 60 / max(1, buckets)
+    for step in (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600):
+        if step >= raw_s:
+            return step * 1000
+    return 3600 * 1000 * math.ceil(raw_s / 3600)
+
+
+def layer_order(layer: str) -> tuple[int, str]:
+    """Sort key: the combined test first, the penultimate layer next, then by name."""
+    return (0 if layer == COMBINED else 1 if layer == "penultimate" else 2, layer)
+
+
+def records(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Rows as dicts keyed by column name."""
+    return [dict(zip(names, row)) for row in rows]
+
+
+def finite(value: Any) -> float | None:
+    """A float for JSON: NaN and infinities become None (JSON has no NaN)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def alert_bands(rows: Iterable[Mapping[str, Any]], now: int) -> dict[str, list[dict[str, Any]]]:
+    """Pair the open and resolved rows of alerts into bands per model.
+
+    Each band is {alert_id, start_ms, end_ms, open, severity}: from the open row's ts_ms
+    to the resolved row's ts_ms, or to ``now`` while the alert is still open. An alert
+    whose open row is missing has no known start and gets no band. Bands of a model are
+    sorted by start.
+    """
+    by_id: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        a = by_id.setdefault(str(r["alert_id"]), {"model_id": str(r["model_id"]), "open": None, "resolved": None,
+                                                  "severity": ""})
+        ts = int(r["ts_ms"])
+        if r["state"] == "open":
+            if a["open"] is None or ts < a["open"]:
+                a["open"] = ts
+                a["severity"] = str(r.get("severity") or "")
+        elif r["state"] == "resolved":
+            if a["resolved"] is None or ts > a["resolved"]:
+                a["resolved"] = ts
+    out: dict[str, list[dict[str, Any]]] = {}
+    for alert_id, a in by_id.items():
+        if a["open"] is None:
+            continue
+        still_open = a["resolved"] is None
+        end = max(a["open"], now) if still_open else max(a["open"], a["resolved"])
+        out.setdefault(a["model_id"], []).append(
+            {"alert_id": alert_id, "start_ms": a["open"], "end_ms": end, "open": still_open, "severity": a["severity"]})
+    for bands in out.values():
+        bands.sort(key=lambda b: (b["start_ms"], b["alert_id"]))
+    return out
+
+
+def drift_series(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Window rows → one series per (model, layer), columns in time order.
+
+    Series are ordered by model, then combined / penultimate / other layers.
+    """
+    grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        grouped.setdefault((str(r["model_id"]), str(r["layer"])), []).append(r)
+    series = []
+    for (model_id, layer) in sorted(grouped, key=lambda k: (k[0], layer_order(k[1]))):
+        points = sorted(grouped[(model_id, layer)], key=lambda r: (int(r["window_end_ms"]), str(r["window_id"])))
+        series.append({
+            "model_id": model_id,
+            "layer": layer,
+            "window_id": [str(p["window_id"]) for p in points],
+            "model_version": [str(p["model_version"]) for p in points],
+            "window_start_ms": [int(p["window_start_ms"]) for p in points],
+            "window_end_ms": [int(p["window_end_ms"]) for p in points],
+            "detection_rate": [finite(p["detection_rate"]) for p in points],
+            "p_value": [finite(p["p_value"]) for p in points],
+            "mmd2": [finite(p["mmd2"]) for p in points],
+            "n_window": [int(p["n_window"]) for p in points],
+        })
+    return series
+
+
+def label_mix(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """(bucket_start_ms, attack_type, events) rows → aligned columns for a stacked chart.
+
+    ``buckets`` are the bucket starts in time order; ``series`` holds one list of counts
+    per attack type (0 where a type has no events), 'clean' first, then by total events.
+    """
+    counts: dict[str, dict[int, int]] = {}
+    buckets: set[int] = set()
+    for r in rows:
+        b = int(r["bucket_start_ms"])
+        buckets.add(b)
+        kind = str(r["attack_type"]) or "unknown"
+        counts.setdefault(kind, {})[b] = counts.get(kind, {}).get(b, 0) + int(r["events"])
+    ordered = sorted(buckets)
+    kinds = sorted(counts, key=lambda k: (k != "clean", -sum(counts[k].values()), k))
+    return {
+        "buckets": ordered,
+        "series": [{"attack_type": k, "events": [counts[k].get(b, 0) for b in ordered]} for k in kinds],
+    }
+
+
+def image_values(values: Any, digits: int = 3) -> list[float] | None:
+    """A flattened input as rounded floats for the page (None when absent or empty)."""
+    if values is None:
+        return None
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    out = [round(v, digits) if (v := finite(x)) is not None else 0.0 for x in values]
+    return out or None
+
+
+def window_events(events: Iterable[Mapping[str, Any]], labels: Iterable[Mapping[str, Any]],
+                  inputs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Merge the window's top events with their attack labels and inputs (kept in score order)."""
+    by_label = {str(r["event_id"]): r for r in labels}
+    by_input = {str(r["event_id"]): r.get("input") for r in inputs}
+    out = []
+    for e in events:
+        eid = str(e["event_id"])
+        label = by_label.get(eid)
+        out.append({
+            "event_id": eid,
+            "model_id": str(e.get("model_id") or ""),
+            "score": finite(e.get("score")),
+            "rank": int(e.get("rank") or 0),
+            "layer": str(e.get("layer") or ""),
+            "client_id": str(e.get("client_id") or ""),
+            "predicted": int(e.get("predicted") or 0),
+            "confidence": finite(e.get("confidence")),
+            "ts_ms": int(e.get("ts_ms") or 0),
+            "attack": str(e.get("attack") or ""),
+            "label": None if label is None else {
+                "attack_type": str(label["attack_type"]), "attack_prob": finite(label["attack_prob"]),
+                "p_adversarial": finite(label["p_adversarial"]), "target_model": str(label["target_model"])},
+            "input": image_values(by_input.get(eid)),
+        })
+    return out
+
+
+def alert_records(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """ALERTS_SQL rows as JSON objects (resolved_ms is null while open)."""
+    out = []
+    for r in records(names, rows):
+        resolved = int(r["resolved_ms"] or 0)
+        opened = int(r["opened_ms"] or 0)
+        out.append({
+            "alert_id": str(r["alert_id"]), "model_id": str(r["model_id"]), "kind": str(r["kind"]),
+            "status": str(r["status"]), "severity": str(r["severity"]), "opened_ms": opened,
+            "resolved_ms": resolved if r["status"] == "resolved" else None,
+            "duration_ms": max(0, resolved - opened) if r["status"] == "resolved" else None,
+            "window_id": str(r["window_id"]), "n_events": int(r["n_events"] or 0), "client_id": str(r["client_id"]),
+            "message": str(r["message"]), "resolution": str(r["resolution"]),
+        })
+    return out
+
+
+# ------------------------------------------------------------------------ data functions
+
+
+async def models_payload(query: QueryFn, *, minutes: int, now: int) -> dict[str, Any]:
+    """Models seen in the range (predictions or tested windows) with their tested layers."""
+    since = now - minutes * 60_000
+    names, rows = await query(MODEL_LAYERS_SQL, {"since_ms": since, "limit": MAX_MODEL_ROWS})
+    enames, erows = await query(MODEL_EVENTS_SQL, {"since_ms": since, "limit": MAX_MODEL_ROWS})
+    models: dict[str, dict[str, Any]] = {}
+    for r in records(enames, erows):
+        models[str(r["model_id"])] = {"model_id": str(r["model_id"]), "events": int(r["events"]),
+                                      "last_event_ms": int(r["last_ms"]), "layers": []}
+    for r in records(names, rows):
+        m = models.setdefault(str(r["model_id"]), {"model_id": str(r["model_id"]), "events": 0, "last_event_ms": None,
+                                                   "layers": []})
+        m["layers"].append({"layer": str(r["layer"]), "windows": int(r["windows"]), "last_window_ms": int(r["last_ms"]),
+                            "last_detection_rate": finite(r["last_detection_rate"])})
+    for m in models.values():
+        m["layers"].sort(key=lambda x: layer_order(x["layer"]))
+    return {"now_ms": now, "minutes": minutes, "models": [models[k] for k in sorted(models)]}
+
+
+async def drift_payload(query: QueryFn, *, minutes: int, now: int, threshold: float, alpha: float,
+                        model_id: str = "", layer: str = "") -> dict[str, Any]:
+    """Detection rate and p-value per (model, layer), the threshold, and alert bands per model."""
+    since = now - minutes * 60_000
+    names, rows = await query(DRIFT_SQL, {"since_ms": since, "model_id": model_id, "layer": layer,
+                                          "limit": MAX_DRIFT_ROWS})
+    bnames, brows = await query(ALERT_BANDS_SQL, {"since_ms": since, "model_id": model_id, "limit": MAX_BAND_ROWS})
+    return {
+        "now_ms": now, "since_ms": since, "minutes": minutes, "threshold": threshold, "alpha": alpha,
+        "truncated": len(rows) >= MAX_DRIFT_ROWS,
+        "series": drift_series(records(names, rows)),
+        "bands": alert_bands(records(bnames, brows), now),
+    }
+
+
+async def labels_payload(query: QueryFn, *, minutes: int, now: int, model_id: str = "") -> dict[str, Any]:
+    """Events per attack type per time bucket (the classifier's label mix)."""
+    since = now - minutes * 60_000
+    bucket = bucket_ms_for(minutes)
+    names, rows = await query(LABEL_MIX_SQL, {"since_ms": since - since % bucket, "bucket_ms": bucket,
+                                              "model_id": model_id, "limit": MAX_LABEL_ROWS})
+    return {"now_ms": now, "since_ms": since, "minutes": minutes, "bucket_ms": bucket, **label_mix(records(names, rows))}
+
+
+async def alerts_payload(query: QueryFn, *, minutes: int, now: int, model_id: str = "",
+                         limit: int = DEFAULT_ALERTS) -> dict[str, Any]:
+    """Open alerts and the alerts of the range, open first, newest first."""
+    since = now - minutes * 60_000
+    names, rows = await query(ALERTS_SQL, {"since_ms": since, "model_id": model_id, "limit": limit})
+    alerts = alert_records(names, rows)
+    return {"now_ms": now, "minutes": minutes, "open": sum(a["status"] == "open" for a in alerts), "alerts": alerts}
+
+
+async def window_payload(query: QueryFn, *, window_id: str, layer: str = "", limit: int = DEFAULT_EVENTS
+                         ) -> dict[str, Any]:
+    """One window's test results per layer and its most suspicious events (labels, inputs)."""
+    names, rows = await query(WINDOW_SQL, {"window_id": window_id})
+    layers = [{
+        "layer": str(r["layer"]), "model_id": str(r["model_id"]), "model_version": str(r["model_version"]),
+        "window_start_ms": int(r["window_start_ms"]), "window_end_ms": int(r["window_end_ms"]),
+        "detection_rate": finite(r["detection_rate"]), "p_value": finite(r["p_value"]), "mmd2": finite(r["mmd2"]),
+        "n_window": int(r["n_window"]), "n_reference": int(r["n_reference"]),
+    } for r in records(names, rows)]
+    layers.sort(key=lambda x: layer_order(x["layer"]))
+    enames, erows = await query(WINDOW_EVENTS_SQL, {"window_id": window_id, "layer": layer, "limit": limit})
+    events = records(enames, erows)
+    model_id = layers[0]["model_id"] if layers else next((str(e["model_id"]) for e in events if e["model_id"]), "")
+    labels: list[dict[str, Any]] = []
+    inputs: list[dict[str, Any]] = []
+    ids = [str(e["event_id"]) for e in events]
+    if ids:
+        params = {"model_id": model_id, "ids": ids, "limit": len(ids)}
+        labels = records(*await query(WINDOW_LABELS_SQL, params))
+        inputs = records(*await query(WINDOW_INPUTS_SQL, params))
+    return {"window_id": window_id, "layer": layer, "model_id": model_id, "layers": layers,
+            "events": window_events(events, labels, inputs)}
+
+
+# ------------------------------------------------------------------------------ views
+
+
+def plotly_js_path() -> Path:
+    """plotly.js as bundled in the plotly Python package."""
+    import plotly
+
+    return Path(plotly.__file__).resolve().parent / "package_data" / PLOTLY_JS
+
+
+class _Asset:
+    """A static file read once, with a gzip copy for clients that accept it."""
+
+    def __init__(self, path: Path, content_type: str):
+        self.path, self.content_type = path, content_type
+        self.body: bytes | None = None
+        self.gzipped: bytes | None = None
+        self.lock = asyncio.Lock()
+
+    async def load(self) -> tuple[bytes, bytes]:
+        async with self.lock:
+            if self.body is None:
+                loop = asyncio.get_running_loop()
+                body = await loop.run_in_executor(None, self.path.read_bytes)
+                self.gzipped = await loop.run_in_executor(None, lambda: gzip.compress(body, 6))
+                self.body = body
+        return self.body, self.gzipped  # type: ignore[return-value]
+
+
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    # plotly.js writes inline styles; images are data: URLs built in the page.
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'"),
+}
+API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def install(app: Any, runtime: Any) -> None:
+    """Add the dashboard's views to the app's web server (idempotent).
+
+    Call it once the app exists and before the worker starts, e.g. right after
+    ``register_views(app, runtime)`` in ``streams.app.create_app``.
+    """
+    if getattr(runtime, "dashboard_installed", False):
+        return
+    register_dashboard_views(app, runtime)
+    runtime.dashboard_installed = True
+
+
+def register_dashboard_views(app: Any, runtime: Any) -> None:
+    """Register the page, the assets and the data views (see the module docstring)."""
+    from faust.web import Request, Response, View
+
+    from streams.store import StoreError
+    from streams.web import authorized
+
+    settings = runtime.settings
+    token = settings.web_token
+    page = _Asset(STATIC_DIR / PAGE, "text/html; charset=utf-8")
+    assets = {name: _Asset(STATIC_DIR / name, ctype) for name, ctype in STATIC_FILES.items()}
+    assets[PLOTLY_JS] = _Asset(plotly_js_path(), "application/javascript; charset=utf-8")
+
+    async def query(sql: str, params: Mapping[str, Any]) -> tuple[Sequence[str], Sequence[Sequence[Any]]]:
+        return await runtime.writer.query_columns(sql, dict(params))
+
+    async def send_asset(view: View, request: Request, asset: _Asset, headers: Mapping[str, str]) -> Response:
+        body, zipped = await asset.load()
+        use_gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+        response = view.bytes(zipped if use_gzip else body, content_type=asset.content_type,
+                              headers={**headers, **({"Content-Encoding": "gzip"} if use_gzip else {}),
+                                       "Vary": "Accept-Encoding"})
+        return response
+
+    class Page(View):
+        async def get(self, request: Request) -> Response:
+            return await send_asset(self, request, page, PAGE_HEADERS)
+
+    app.page("/", name="layerwatch_dashboard_index")(Page)
+    app.page("/dashboard", name="layerwatch_dashboard")(type("DashboardPage", (Page,), {}))
+
+    @app.page("/static/{name}", name="layerwatch_dashboard_static")
+    class Static(View):
+        async def get(self, request: Request, name: str) -> Response:
+            asset = assets.get(name)
+            if asset is None:
+                return self.json({"error": "not found"}, status=404)
+            cache = "public, max-age=86400" if name == PLOTLY_JS else "no-cache"
+            return await send_asset(self, request, asset, {"Cache-Control": cache, "X-Content-Type-Options": "nosniff"})
+
+    def data_view(path: str, build: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
+        class Data(View):
+            async def get(self, request: Request) -> Response:
+                if not authorized(request, token):
+                    return self.json({"error": "unauthorized"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="layerwatch"', **API_HEADERS})
+                try:
+                    body = await build(request.query)
+                except BadParameter as exc:
+                    return self.json({"error": str(exc)}, status=400, headers=API_HEADERS)
+                except StoreError as exc:
+                    return self.json({"error": f"store: {exc}"}, status=503, headers=API_HEADERS)
+                return self.json(body, headers=API_HEADERS)
+
+        Data.__name__ = Data.__qualname__ = "Dashboard" + path.rsplit("/", 1)[-1].title()
+        app.page(path, name="layerwatch_dashboard_" + path.rsplit("/", 1)[-1])(Data)
+
+    def common(q: Mapping[str, str]) -> dict[str, Any]:
+        return {"minutes": parse_minutes(q.get("minutes")), "now": now_ms()}
+
+    data_view("/api/dashboard/models", lambda q: models_payload(query, **common(q)))
+    data_view("/api/dashboard/drift", lambda q: drift_payload(
+        query, **common(q), threshold=settings.alert_detection_rate, alpha=settings.alpha,
+        model_id=text_param(q.get("model_id"), "model_id"), layer=text_param(q.get("layer"), "layer")))
+    data_view("/api/dashboard/labels", lambda q: labels_payload(
+        query, **common(q), model_id=text_param(q.get("model_id"), "model_id")))
+    data_view("/api/dashboard/alerts", lambda q: alerts_payload(
+        query, **common(q), model_id=text_param(q.get("model_id"), "model_id"),
+        limit=bounded_int(q.get("limit"), DEFAULT_ALERTS, 1, MAX_ALERTS, "limit")))
+
+    async def window(q: Mapping[str, str]) -> dict[str, Any]:
+        window_id = text_param(q.get("window_id"), "window_id")
+        if not window_id:
+            raise BadParameter("window_id is required")
+        return await window_payload(query, window_id=window_id, layer=text_param(q.get("layer"), "layer"),
+                                    limit=bounded_int(q.get("limit"), DEFAULT_EVENTS, 1, MAX_EVENTS, "limit"))
+
+    data_view("/api/dashboard/window", window)
