@@ -268,6 +268,27 @@ class AlertRules:
                 ))
         return out
 
+    def restore(self, events: Sequence[AlertEvent]) -> int:
+        """Replay stored alert transitions (oldest first) after a restart; returns how many alerts are open.
+
+        An open alert is kept open (its streak counts as over the threshold), so windows
+        after the restart resolve it under its own id instead of opening a second alert.
+        """
+        for e in events:
+            if e.kind == "probing":
+                if e.state == "open":
+                    self._probing[(e.model_id, e.client_id)] = (e, int(e.ts_ms))
+                else:
+                    self._probing.pop((e.model_id, e.client_id), None)
+                continue
+            st = self._streaks.setdefault((e.model_id, e.kind), _Streak())
+            if e.state == "open":
+                st.open, st.below = e, 0
+                st.above = max(st.above, self.consecutive if e.kind == "distribution_shift" else 1)
+            elif st.open is not None and st.open.alert_id == e.alert_id:
+                st.open, st.above, st.below = None, 0, 0
+        return len(self.open_alerts())
+
     def open_alerts(self) -> list[AlertEvent]:
         """The opening events of every alert still open, oldest first."""
         events = [st.open for st in self._streaks.values() if st.open is not None]

@@ -134,8 +134,9 @@ def create_app(settings: Settings, *, store: Store | None = None) -> tuple[faust
     from streams.web import register_views
 
     register_views(app, runtime)
-    from streams import detection
+    from streams import dashboard, detection
 
+    dashboard.install(app, runtime)
     detection.install(app, runtime)
     return app, runtime
 
@@ -148,7 +149,7 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
     async def ingest(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.sink_batch_records, within=settings.sink_within_s):
             raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events]
-            good, dead = decode_records(raw, runtime.limits)
+            good, dead = decode_records(raw, runtime.limits, settings.known_models)
             for record in dead:
                 log.warning("dead letter %s:%s:%s: %s", record["topic"], record["partition"], record["offset"], record["reason"])
                 metrics.dlq.labels(record["topic"]).inc()

@@ -60,7 +60,9 @@ MAX_ID_CHARS = 512
 QueryFn = Callable[[str, Mapping[str, Any]], Awaitable[tuple[Sequence[str], Sequence[Sequence[Any]]]]]
 
 # ----------------------------------------------------------------------------- SQL
-# Placeholders are rendered client-side by streams/store/sql.py. No window functions,
+# Placeholders are rendered client-side by streams/store/sql.py. Time filters repeat the
+# bound on the DateTime column `ts` (``since_s``): MergeTree keeps its min/max per part (it
+# is the partition key's column), so parts older than the range are skipped unread. No window functions,
 # DateTime64 or toStartOfInterval (ClickHouse 18.16); ReplacingMergeTree tables are read
 # with FINAL or counted with uniqExact; joins are ANY LEFT JOIN (...) AS alias USING (...).
 
@@ -68,7 +70,7 @@ MODEL_LAYERS_SQL = """
 SELECT model_id, layer, uniqExact(window_id) AS windows, max(window_end_ms) AS last_ms,
        argMax(detection_rate, window_end_ms) AS last_detection_rate
 FROM drift_windows
-WHERE window_end_ms >= {since_ms}
+WHERE ts >= toDateTime({since_s}) AND window_end_ms >= {since_ms}
 GROUP BY model_id, layer
 ORDER BY model_id, layer
 LIMIT {limit}
@@ -77,7 +79,7 @@ LIMIT {limit}
 MODEL_EVENTS_SQL = """
 SELECT model_id, uniqExact(event_id) AS events, max(ts_ms) AS last_ms
 FROM predictions
-WHERE ts_ms >= {since_ms}
+WHERE ts >= toDateTime({since_s}) AND ts_ms >= {since_ms}
 GROUP BY model_id
 ORDER BY model_id
 LIMIT {limit}
@@ -87,7 +89,7 @@ DRIFT_SQL = """
 SELECT model_id, layer, window_id, model_version, window_start_ms, window_end_ms,
        detection_rate, p_value, mmd2, n_window, n_reference
 FROM drift_windows FINAL
-WHERE window_end_ms >= {since_ms}
+WHERE ts >= toDateTime({since_s}) AND window_end_ms >= {since_ms}
   AND ({model_id} = '' OR model_id = {model_id})
   AND ({layer} = '' OR layer = {layer})
 ORDER BY window_end_ms DESC, model_id, layer
@@ -116,7 +118,7 @@ LABEL_MIX_SQL = """
 SELECT intDiv(ts_ms, {bucket_ms}) * {bucket_ms} AS bucket_start_ms, attack_type,
        uniqExact(event_id) AS events
 FROM attack_labels
-WHERE ts_ms >= {since_ms}
+WHERE ts >= toDateTime({since_s}) AND ts_ms >= {since_ms}
   AND ({model_id} = '' OR model_id = {model_id})
 GROUP BY bucket_start_ms, attack_type
 ORDER BY bucket_start_ms, attack_type
@@ -251,6 +253,11 @@ def bucket_ms_for(minutes: int, buckets: int = LABEL_BUCKETS) -> int:
         if step >= raw_s:
             return step * 1000
     return 3600 * 1000 * math.ceil(raw_s / 3600)
+
+
+def time_bounds(since_ms: int) -> dict[str, int]:
+    """The range's start as epoch ms and as epoch seconds (for the ``ts`` DateTime columns)."""
+    return {"since_ms": int(since_ms), "since_s": int(since_ms) // 1000}
 
 
 def layer_order(layer: str) -> tuple[int, str]:
@@ -413,8 +420,9 @@ def alert_records(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[d
 async def models_payload(query: QueryFn, *, minutes: int, now: int) -> dict[str, Any]:
     """Models seen in the range (predictions or tested windows) with their tested layers."""
     since = now - minutes * 60_000
-    names, rows = await query(MODEL_LAYERS_SQL, {"since_ms": since, "limit": MAX_MODEL_ROWS})
-    enames, erows = await query(MODEL_EVENTS_SQL, {"since_ms": since, "limit": MAX_MODEL_ROWS})
+    bounds = time_bounds(since)
+    names, rows = await query(MODEL_LAYERS_SQL, {**bounds, "limit": MAX_MODEL_ROWS})
+    enames, erows = await query(MODEL_EVENTS_SQL, {**bounds, "limit": MAX_MODEL_ROWS})
     models: dict[str, dict[str, Any]] = {}
     for r in records(enames, erows):
         models[str(r["model_id"])] = {"model_id": str(r["model_id"]), "events": int(r["events"]),
@@ -433,7 +441,7 @@ async def drift_payload(query: QueryFn, *, minutes: int, now: int, threshold: fl
                         model_id: str = "", layer: str = "") -> dict[str, Any]:
     """Detection rate and p-value per (model, layer), the threshold, and alert bands per model."""
     since = now - minutes * 60_000
-    names, rows = await query(DRIFT_SQL, {"since_ms": since, "model_id": model_id, "layer": layer,
+    names, rows = await query(DRIFT_SQL, {**time_bounds(since), "model_id": model_id, "layer": layer,
                                           "limit": MAX_DRIFT_ROWS})
     bnames, brows = await query(ALERT_BANDS_SQL, {"since_ms": since, "model_id": model_id, "limit": MAX_BAND_ROWS})
     return {
@@ -448,7 +456,7 @@ async def labels_payload(query: QueryFn, *, minutes: int, now: int, model_id: st
     """Events per attack type per time bucket (the classifier's label mix)."""
     since = now - minutes * 60_000
     bucket = bucket_ms_for(minutes)
-    names, rows = await query(LABEL_MIX_SQL, {"since_ms": since - since % bucket, "bucket_ms": bucket,
+    names, rows = await query(LABEL_MIX_SQL, {**time_bounds(since - since % bucket), "bucket_ms": bucket,
                                               "model_id": model_id, "limit": MAX_LABEL_ROWS})
     return {"now_ms": now, "since_ms": since, "minutes": minutes, "bucket_ms": bucket, **label_mix(records(names, rows))}
 
@@ -559,10 +567,10 @@ def register_dashboard_views(app: Any, runtime: Any) -> None:
     async def send_asset(view: View, request: Request, asset: _Asset, headers: Mapping[str, str]) -> Response:
         body, zipped = await asset.load()
         use_gzip = "gzip" in request.headers.get("Accept-Encoding", "")
-        response = view.bytes(zipped if use_gzip else body, content_type=asset.content_type,
-                              headers={**headers, **({"Content-Encoding": "gzip"} if use_gzip else {}),
-                                       "Vary": "Accept-Encoding"})
-        return response
+        # the content type goes in the headers: aiohttp refuses a charset in content_type=
+        return view.bytes(zipped if use_gzip else body, headers={
+            **headers, "Content-Type": asset.content_type, "Vary": "Accept-Encoding",
+            **({"Content-Encoding": "gzip"} if use_gzip else {})})
 
     class Page(View):
         async def get(self, request: Request) -> Response:

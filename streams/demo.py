@@ -116,12 +116,9 @@ def _prepare(state_dir: Path, phases: str) -> None:
             with console.status(f"adversarial test set: {attack} on {name}"):
                 generate(models[name].module, split.x_test, split.y_test, attack, seed=0, state_dir=state_dir,
                          model_name=name)
-    try:
-        from workers.classifier.cli import classifier_path, train
-    except ImportError:
-        console.print("[yellow]attack classifier not available; labels are skipped[/]")
-        return
-    if not classifier_path(state_dir).exists():
+    from workers.classifier.cli import default_path, train
+
+    if not default_path(state_dir).exists():
         console.print("training the attack classifier (first run only)")
         train(state_dir, progress=True)
 

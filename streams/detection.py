@@ -159,8 +159,11 @@ class DriftStage:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-mmd")
         self.wakeup = asyncio.Event()
         self.tested = 0
+        self.ready = asyncio.Event()  # cleared while streams/recovery.py rebuilds the windows after a (re)start
+        self.ready.set()
 
     async def handle(self, items: Sequence[Delivered]) -> None:
+        await self.ready.wait()
         for d in items:
             b = d.batch
             key = (b.model_id, b.model_version)
@@ -230,6 +233,8 @@ class AlertHub:
         self.rules = AlertRules(detection_threshold=s.alert_detection_rate, consecutive=s.alert_consecutive,
                                 clear_windows=s.alert_clear_windows, adversarial_share=s.alert_adversarial_share)
         self.webhook = Webhook(s.webhook_url, s.webhook_token, s.webhook_timeout_s, runtime.metrics) if s.webhook_url else None
+        self.ready = asyncio.Event()  # cleared while streams/recovery.py restores the open alerts
+        self.ready.set()
 
     async def publish(self, events: Sequence[AlertEvent]) -> None:
         metrics = self.runtime.metrics
@@ -335,6 +340,11 @@ def install(app: faust.App, runtime: Any) -> None:
         async def close_idle_windows() -> None:
             drift.close_idle()
 
+    if "classify" in agents:
+        from streams.classify import ClassifyStage
+
+        runtime.stages.append(ClassifyStage(runtime))
+
     if "probing" in agents:
         runtime.stages.append(ProbingStage(runtime, hub))
 
@@ -349,6 +359,7 @@ def install(app: faust.App, runtime: Any) -> None:
         @app.agent(topics, name="layerwatch.alerts")
         async def alerts(stream: faust.StreamT) -> None:
             async for value in stream:
+                await hub.ready.wait()
                 try:
                     name, record = decode(value or b"")
                 except CodecError as exc:
@@ -360,6 +371,10 @@ def install(app: faust.App, runtime: Any) -> None:
                                                          record["window_end_ms"], record["detection_rate"], top))
                 elif name == "AttackLabels":
                     await hub.publish(label_alerts(hub.rules, record))
+
+    from streams import recovery
+
+    recovery.install(app, runtime)
 
 
 def label_alerts(rules: AlertRules, record: dict[str, Any]) -> list[AlertEvent]:

@@ -111,11 +111,18 @@ def _reference_layer(store: Any, model: str, version: str, layer: str, limit: in
 
 
 def _tsne(points: np.ndarray, seed: int) -> np.ndarray:
+    """2-d t-SNE embedding, perplexity ≤ 30, fixed random_state, on one thread.
+
+    One thread: the OpenMP/BLAS pools of scikit-learn and torch spin against each other
+    on a busy machine (a 120-point map took 12 s with 2 threads, 0.5 s with one).
+    """
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3.0)))
-    return TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca",
-                learning_rate="auto").fit_transform(points.astype(np.float64))
+    with threadpool_limits(limits=1):
+        return TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca",
+                    learning_rate="auto").fit_transform(points.astype(np.float64))
 
 
 def _tsne_figures(store: Any, out: Path, state_dir: str | os.PathLike, model: str | None, attack: str,
@@ -300,7 +307,7 @@ def _detection_figures(store: Any, out: Path, model: str | None, minutes: float 
             if layer == COMBINED:
                 ax.plot(x, y, color="black", linewidth=2.0, marker=".", markersize=4, label=_layer_label(layer))
             else:
-                color = cmap(i / max(1, len(plain) - 1) * 0.9) if len(plain) > 1 else "#4c72b0"
+                color = cmap(i / max(1, len(plain) - 1) * 0.8) if len(plain) > 1 else "#4c72b0"
                 ax.plot(x, y, color=color, linewidth=1.2, marker=".", markersize=3, alpha=0.9, label=layer)
         ax.axhline(threshold, color="#c44e52", linestyle="--", linewidth=1.2,
                    label=f"alert threshold {threshold:g}")
@@ -390,20 +397,26 @@ def _confusion_from_evaluate(state_dir: str | os.PathLike, echo: Echo) -> tuple[
         from workers.classifier.cli import evaluate  # type: ignore[import-not-found]
     except Exception:  # noqa: BLE001 - not written yet, or broken mid-edit
         return None
+    import tempfile
+
     kwargs: dict[str, Any] = {}
     try:
-        for name, param in inspect.signature(evaluate).parameters.items():
-            if name in ("state_dir", "state", "state_path"):
-                kwargs[name] = state_dir
-            elif name in ("progress", "verbose", "show"):
-                kwargs[name] = False
-            elif name in ("quiet",):
-                kwargs[name] = True
-            elif param.default is inspect.Parameter.empty and param.kind not in (
-                    inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-                echo(f"confusion matrix: workers.classifier.cli.evaluate needs {name!r}; trying the evaluation JSON")
-                return None
-        result = evaluate(**kwargs)
+        with tempfile.TemporaryDirectory(prefix="lw-report-") as scratch:
+            for name, param in inspect.signature(evaluate).parameters.items():
+                if name in ("state_dir", "state", "state_path"):
+                    kwargs[name] = state_dir
+                elif name in ("progress", "verbose", "show", "print_tables"):
+                    kwargs[name] = False  # the report prints its own one-liners
+                elif name in ("quiet",):
+                    kwargs[name] = True
+                elif name == "png_path":  # evaluate draws its own PNG: keep it out of the state dir
+                    kwargs[name] = Path(scratch) / "confusion.png"
+                elif param.default is inspect.Parameter.empty and param.kind not in (
+                        inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                    echo(f"confusion matrix: workers.classifier.cli.evaluate needs {name!r}; "
+                         "trying the evaluation JSON")
+                    return None
+            result = evaluate(**kwargs)
     except Exception as exc:  # noqa: BLE001 - no trained classifier, or another failure: fall back
         echo(f"confusion matrix: workers.classifier.cli.evaluate failed ({type(exc).__name__}: {exc}); "
              "trying the evaluation JSON")

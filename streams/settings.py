@@ -52,6 +52,7 @@ class Settings:
     web_port: int = 6066
     web_token: str = _secret()
     agents: str = "all"  # comma list of: sink, drift, classify, probing, alerts
+    models: str = ""  # comma allow-list of model ids this worker accepts (empty: all); others are dead-lettered
     sink_batch_records: int = 256
     sink_within_s: float = 0.5
     sink_buffer_rows: int = 200_000
@@ -92,6 +93,12 @@ class Settings:
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir)
+
+    @property
+    def known_models(self) -> frozenset[str] | None:
+        """The model ids allowed by ``models`` (None: every model)."""
+        names = frozenset(m.strip() for m in self.models.split(",") if m.strip())
+        return names or None
 
     def topic(self, name: str) -> str:
         """Full topic name for a short name such as 'predictions'."""

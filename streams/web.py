@@ -63,6 +63,3 @@ def register_views(app: faust.App, runtime: Any) -> None:
             except StoreError as exc:
                 return self.json({"error": str(exc)}, status=400)
             return self.json({"columns": names, "rows": rows})
-
-    for extra in getattr(runtime, "view_installers", []):
-        extra(app, runtime)

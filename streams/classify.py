@@ -1,0 +1,128 @@
+"""The classify stage: label live micro-batches with the attack classifier and publish AttackLabels.
+
+Inside the ingest agent (see streams/app.py): for the live batches of one delivery,
+ONE ``AttackClassifier.predict`` call (all batches' output vectors stacked) runs in a
+one-thread executor so the event loop keeps heart-beating; one AttackLabels record
+per micro-batch goes to ``lw.labels`` keyed by model id.
+
+The classifier is read from ``settings.classifier_path`` (default
+``<state_dir>/classifier/classifier.skops``). While the file is missing the stage
+logs one warning and labels nothing; it looks again every 60 s, so a classifier
+trained later (``layerwatch classifier train``) is picked up, and a replaced file
+(new mtime) is reloaded. Files with types outside the allow-list are refused by
+``AttackClassifier.load``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from schemas.batch import PredictionBatch
+from schemas.codec import encode
+from streams.rows import Delivered
+
+log = logging.getLogger(__name__)
+
+RECHECK_S = 60.0
+
+
+def classifier_path(settings: Any) -> Path:
+    """``settings.classifier_path`` or ``<state_dir>/classifier/classifier.skops``."""
+    return Path(settings.classifier_path) if settings.classifier_path else settings.state_path / "classifier" / "classifier.skops"
+
+
+def label_records(classifier: Any, batches: Sequence[PredictionBatch]) -> list[dict[str, Any]]:
+    """AttackLabels records (column-wise) for ``batches``: one ``predict`` call over all their outputs (pure).
+
+    Batches whose output width differs from the classifier's are left out (the caller warns).
+    """
+    usable = [b for b in batches if b.n and b.outputs.ndim == 2 and b.outputs.shape[1] == classifier.spec.n_classes]
+    if not usable:
+        return []
+    labels = classifier.predict(np.concatenate([b.outputs for b in usable]))
+    records, start = [], 0
+    for b in usable:
+        sl = slice(start, start + b.n)
+        start += b.n
+        records.append({
+            "model_id": b.model_id,
+            "model_version": b.model_version,
+            "classifier_version": classifier.version,
+            "event_ids": list(b.event_ids),
+            "ts_ms": np.asarray(b.ts_ms, dtype=np.int64).tolist(),
+            "p_adversarial": labels.p_adversarial[sl].tolist(),
+            "attack_type": labels.attack_type[sl].tolist(),
+            "attack_prob": labels.attack_prob[sl].tolist(),
+            "target_model": labels.target_model[sl].tolist(),
+            "target_prob": labels.target_prob[sl].tolist(),
+        })
+    return records
+
+
+class ClassifyStage:
+    """Labels live batches with the attack classifier (loaded lazily, re-checked every 60 s)."""
+
+    def __init__(self, runtime: Any, executor: ThreadPoolExecutor | None = None):
+        self.runtime = runtime
+        self.path = classifier_path(runtime.settings)
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-classify")
+        self.classifier: Any = None
+        self._mtime: float | None = None
+        self._next_check = 0.0
+        self._warned: set[str] = set()
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    async def current(self) -> Any:
+        """The classifier, (re)loaded when due: missing → None with one warning; changed file → reload."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return self.classifier
+        self._next_check = now + RECHECK_S
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            if self.classifier is None:
+                self._warn_once("missing", "no attack classifier at %s: live events are not labelled until "
+                                "`layerwatch classifier train` writes one (checked every %.0f s)", self.path, RECHECK_S)
+            return self.classifier
+        if mtime == self._mtime:
+            return self.classifier
+        from workers.classifier.model import AttackClassifier
+
+        try:
+            loaded = await asyncio.get_running_loop().run_in_executor(self.executor, AttackClassifier.load, self.path)
+        except Exception as exc:  # refused or unreadable: keep the previous one, say why once per file version
+            self._warn_once(f"bad:{mtime}", "cannot load the attack classifier %s: %s", self.path, exc)
+            return self.classifier
+        self.classifier, self._mtime = loaded, mtime
+        self._warned.discard("missing")
+        log.info("attack classifier %s loaded from %s", loaded.version, self.path)
+        return loaded
+
+    async def handle(self, items: Sequence[Delivered]) -> None:
+        live = [d.batch for d in items if d.batch.role == "live" and d.batch.n]
+        if not live:
+            return
+        classifier = await self.current()
+        if classifier is None:
+            return
+        for b in live:
+            if b.outputs.ndim != 2 or b.outputs.shape[1] != classifier.spec.n_classes:
+                self._warn_once(f"width:{b.model_id}", "model %s sends %s-class outputs; the attack classifier expects "
+                                "%d: its events are not labelled", b.model_id, b.outputs.shape[1:], classifier.spec.n_classes)
+        records = await asyncio.get_running_loop().run_in_executor(self.executor, label_records, classifier, live)
+        topic, labelled = self.runtime.topics["labels"], self.runtime.metrics.labelled
+        for record in records:
+            await topic.send(key=record["model_id"].encode(), value=encode("AttackLabels", record))
+            labelled.labels(record["model_id"]).inc(len(record["event_ids"]))

@@ -1,0 +1,186 @@
+"""Pure helpers of the dashboard: parameters, alert bands, JSON shaping, static assets."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+
+import numpy as np
+import pytest
+
+from streams import dashboard as D
+from streams.store.sql import placeholders, render
+
+
+def test_minutes_default_and_bounds() -> None:
+    assert D.parse_minutes(None) == D.parse_minutes("") == D.DEFAULT_MINUTES == 15
+    assert D.parse_minutes("60") == 60
+    assert D.parse_minutes("7.9") == 7
+    assert D.parse_minutes("0") == 1 and D.parse_minutes("-5") == 1
+    assert D.parse_minutes("10000000") == D.MAX_MINUTES == 1440
+    with pytest.raises(D.BadParameter, match="minutes"):
+        D.parse_minutes("ten")
+    with pytest.raises(D.BadParameter, match="limit"):
+        D.bounded_int("nan-ish", 20, 1, 100, "limit")
+    with pytest.raises(D.BadParameter, match="window_id"):
+        D.text_param("x" * (D.MAX_ID_CHARS + 1), "window_id")
+    assert D.text_param(None, "layer") == ""
+
+
+def test_bucket_width_keeps_the_label_chart_readable() -> None:
+    assert D.bucket_ms_for(5) == 5_000
+    assert D.bucket_ms_for(15) == 10_000
+    assert D.bucket_ms_for(60) == 30_000
+    assert D.bucket_ms_for(1440) == 900_000
+    for minutes in (1, 5, 15, 60, 360, 1440):
+        assert minutes * 60_000 / D.bucket_ms_for(minutes) <= D.LABEL_BUCKETS
+
+
+def row(alert_id: str, state: str, ts: int, model: str = "m", severity: str = "warning") -> dict:
+    return {"alert_id": alert_id, "model_id": model, "state": state, "ts_ms": ts, "severity": severity, "window_id": ""}
+
+
+def test_alert_bands_pair_open_and_resolved_rows() -> None:
+    rows = [
+        row("b", "resolved", 900, severity="info"),  # order of rows does not matter
+        row("a", "open", 100, severity="critical"),
+        row("a", "resolved", 300, severity="info"),
+        row("b", "open", 500),
+        row("c", "open", 700, model="other"),  # still open: runs until now
+        row("d", "resolved", 800),  # no open row: no known start, no band
+        row("a", "open", 100, severity="critical"),  # a replayed row
+    ]
+    bands = D.alert_bands(rows, now=1_000)
+    assert bands == {
+        "m": [
+            {"alert_id": "a", "start_ms": 100, "end_ms": 300, "open": False, "severity": "critical"},
+            {"alert_id": "b", "start_ms": 500, "end_ms": 900, "open": False, "severity": "warning"},
+        ],
+        "other": [{"alert_id": "c", "start_ms": 700, "end_ms": 1_000, "open": True, "severity": "warning"}],
+    }
+    assert D.alert_bands([], now=5) == {}
+    # a clock that lags the alert does not produce a negative band
+    assert D.alert_bands([row("x", "open", 2_000)], now=1_000)["m"][0]["end_ms"] == 2_000
+
+
+def drift_row(model: str, layer: str, end: int, rate: float = 0.1, p: float = 0.5, wid: str | None = None) -> dict:
+    return {"model_id": model, "layer": layer, "window_id": wid or f"{model}:{end}", "model_version": "1",
+            "window_start_ms": end - 10, "window_end_ms": end, "detection_rate": rate, "p_value": p,
+            "mmd2": 0.01, "n_window": 50, "n_reference": 100}
+
+
+def test_drift_series_groups_orders_and_drops_nan() -> None:
+    rows = [
+        drift_row("m2", "penultimate", 20),
+        drift_row("m1", "conv1", 30),
+        drift_row("m1", "__combined__", 20),
+        drift_row("m1", "__combined__", 10, p=math.nan),
+        drift_row("m1", "penultimate", 10, rate=math.inf),
+        drift_row("m1", "avgpool", 10),
+    ]
+    series = D.drift_series(rows)
+    assert [(s["model_id"], s["layer"]) for s in series] == [
+        ("m1", "__combined__"), ("m1", "penultimate"), ("m1", "avgpool"), ("m1", "conv1"), ("m2", "penultimate")]
+    combined = series[0]
+    assert combined["window_end_ms"] == [10, 20] and combined["window_id"] == ["m1:10", "m1:20"]
+    assert combined["p_value"] == [None, 0.5]
+    assert series[1]["detection_rate"] == [None]
+    assert set(combined) >= {"window_start_ms", "mmd2", "n_window", "model_version"}
+
+
+def test_label_mix_aligns_types_on_buckets() -> None:
+    rows = [
+        {"bucket_start_ms": 10_000, "attack_type": "fgsm", "events": 3},
+        {"bucket_start_ms": 0, "attack_type": "clean", "events": 5},
+        {"bucket_start_ms": 10_000, "attack_type": "clean", "events": 1},
+        {"bucket_start_ms": 20_000, "attack_type": "pgd", "events": 9},
+        {"bucket_start_ms": 20_000, "attack_type": "", "events": 2},
+    ]
+    mix = D.label_mix(rows)
+    assert mix["buckets"] == [0, 10_000, 20_000]
+    assert mix["series"] == [
+        {"attack_type": "clean", "events": [5, 1, 0]},
+        {"attack_type": "pgd", "events": [0, 0, 9]},
+        {"attack_type": "fgsm", "events": [0, 3, 0]},
+        {"attack_type": "unknown", "events": [0, 0, 2]},
+    ]
+    assert D.label_mix([]) == {"buckets": [], "series": []}
+
+
+def test_window_events_merge_labels_and_images_in_score_order() -> None:
+    events = [
+        {"event_id": "e2", "model_id": "m", "score": 0.9, "rank": 1, "layer": "__combined__", "client_id": "c",
+         "predicted": 3, "confidence": 0.8, "ts_ms": 5, "attack": "fgsm"},
+        {"event_id": "e1", "model_id": "m", "score": 0.5, "rank": 2, "layer": "penultimate", "client_id": "",
+         "predicted": 0, "confidence": 0.0, "ts_ms": 0, "attack": ""},  # no matching prediction row
+    ]
+    labels = [{"event_id": "e2", "attack_type": "fgsm", "attack_prob": 0.7, "p_adversarial": 0.95, "target_model": "m"}]
+    inputs = [{"event_id": "e2", "input": np.linspace(0, 1, 64, dtype=np.float32)}, {"event_id": "e1", "input": []}]
+    out = D.window_events(events, labels, inputs)
+    assert [e["event_id"] for e in out] == ["e2", "e1"]
+    assert out[0]["label"] == {"attack_type": "fgsm", "attack_prob": 0.7, "p_adversarial": 0.95, "target_model": "m"}
+    assert len(out[0]["input"]) == 64 and out[0]["input"][0] == 0.0 and out[0]["input"][-1] == 1.0
+    assert out[0]["input"][1] == round(1 / 63, 3)
+    assert out[1]["label"] is None and out[1]["input"] is None
+    assert D.image_values([0.5, math.nan]) == [0.5, 0.0]
+
+
+def test_alert_records_shape_open_and_resolved() -> None:
+    names = ["alert_id", "model_id", "kind", "status", "severity", "opened_ms", "resolved_ms", "window_id", "n_events",
+             "client_id", "message", "resolution"]
+    rows = [
+        ["a", "m", "distribution_shift", "open", "critical", 100, 0, "w", 3, "", "shift", ""],
+        ["b", "m", "probing", "resolved", "warning", 100, 400, "", 0, "c7", "probe", "cleared"],
+    ]
+    a, b = D.alert_records(names, rows)
+    assert a["resolved_ms"] is None and a["duration_ms"] is None and a["n_events"] == 3
+    assert b["resolved_ms"] == 400 and b["duration_ms"] == 300 and b["client_id"] == "c7"
+
+
+def test_queries_are_bounded_and_portable() -> None:
+    for name, sql in D.QUERIES.items():
+        code = sql.upper()
+        assert re.search(r"\bLIMIT\b", code), name
+        for banned in ("OVER (", "DATETIME64", "TOSTARTOFINTERVAL", "INTERVAL "):
+            assert banned not in code, (name, banned)
+        if " JOIN " in code:
+            assert "ANY LEFT JOIN" in code and "USING" in code, name
+    # every placeholder a data function fills is one the SQL uses, and rendering works
+    rendered = render(D.WINDOW_LABELS_SQL, {"model_id": "m", "ids": ["a", "b'"], "limit": 2})
+    assert "IN ('a', 'b\\'')" in rendered
+    assert placeholders(D.DRIFT_SQL) == {"since_ms", "since_s", "model_id", "layer", "limit"}
+    assert D.time_bounds(1_700_000_000_999) == {"since_ms": 1_700_000_000_999, "since_s": 1_700_000_000}
+
+
+def test_payloads_pass_bounded_parameters() -> None:
+    calls: list[tuple[str, dict]] = []
+
+    async def query(sql: str, params: dict) -> tuple[list[str], list[list]]:
+        calls.append((sql, dict(params)))
+        assert placeholders(sql) <= set(params)
+        return [], []
+
+    now = 1_700_000_000_000
+    drift = asyncio.run(D.drift_payload(query, minutes=15, now=now, threshold=0.5, alpha=0.05))
+    assert drift["series"] == [] and drift["bands"] == {} and drift["since_ms"] == now - 900_000
+    assert calls[0][1]["limit"] == D.MAX_DRIFT_ROWS and calls[1][1]["limit"] == D.MAX_BAND_ROWS
+    labels = asyncio.run(D.labels_payload(query, minutes=60, now=now))
+    assert labels["bucket_ms"] == 30_000 and calls[-1][1]["since_ms"] % 30_000 == 0
+    window = asyncio.run(D.window_payload(query, window_id="w"))
+    assert window == {"window_id": "w", "layer": "", "model_id": "", "layers": [], "events": []}
+    assert len(calls) == 5  # no label / input look-ups without events
+
+
+def test_static_assets_exist_and_page_uses_relative_urls() -> None:
+    html = (D.STATIC_DIR / D.PAGE).read_text()
+    for name in (*D.STATIC_FILES, D.PLOTLY_JS):
+        assert f'src="static/{name}"' in html or f'href="static/{name}"' in html, name
+    for name in D.STATIC_FILES:
+        assert (D.STATIC_DIR / name).is_file(), name
+    assert D.plotly_js_path().is_file()
+    js = (D.STATIC_DIR / "dashboard.js").read_text()
+    assert "Authorization" in js and "#token=" in js and "sessionStorage" in js
+    assert "https://" not in html + js  # nothing from a CDN: works offline
+    for path in ("models", "drift", "labels", "alerts", "window"):
+        assert f'api("{path}"' in js, path
