@@ -119,6 +119,29 @@ class Workload:
         return encode_batch(batch)
 
 
+def train_classifier(work: Workload, path: Path) -> str:
+    """A small attack classifier on synthetic 10-class outputs, so the classify stage really labels.
+
+    Clean rows: the workload's own output vectors; "adversarial" rows: flattened ones
+    (temperature-scaled), two fake attacks on two fake target models. Returns its version.
+    """
+    from workers.classifier.model import AttackClassifier
+
+    rng = np.random.default_rng(work.seed + 2)
+    clean = np.concatenate([probs for _, probs, _ in work.pool])[:4000]
+    logits = np.log(np.clip(clean, 1e-9, None))
+    adv = np.exp(logits / rng.uniform(2, 6, size=(len(clean), 1)))
+    adv /= adv.sum(axis=1, keepdims=True)
+    outputs = np.concatenate([clean, adv]).astype(np.float32)
+    n = len(clean)
+    adversarial = np.r_[np.zeros(n, bool), np.ones(n, bool)]
+    attack = np.r_[np.full(n, "clean"), rng.choice(["fgsm", "pgd"], n)].astype(object)
+    target = np.r_[np.full(n, MODEL), rng.choice([MODEL, "other"], n)].astype(object)
+    clf = AttackClassifier("rf", seed=0, n_jobs=1).fit(outputs, adversarial, attack, target)
+    clf.save(path)
+    return clf.version
+
+
 async def producer(bootstrap: str):
     """aiokafka's producer: kafka-python computes the record CRC32C in pure Python (~8 MB/s here)
     unless the optional ``crc32c`` package is installed; aiokafka does it in C."""
@@ -182,11 +205,13 @@ class CpuSampler:
         return sum(self.at(n, t1) - self.at(n, t0) for n in (names or list(self.pids)))
 
 
-def query(url: str, sql: str, params: dict | None = None) -> list[list]:
-    status, body = http_json(f"{url}/api/query", {"sql": sql, "params": params or {}}, timeout=30.0)
-    if status != 200:
-        raise RuntimeError(f"/api/query answered {status}: {body}")
-    return body["rows"]
+def query(url: str, sql: str, params: dict | None = None, attempts: int = 3) -> list[list]:
+    """Rows of a read-only query through the worker's API (retried: a busy worker may time out)."""
+    for attempt in range(attempts):
+        status, body = http_json(f"{url}/api/query", {"sql": sql, "params": params or {}}, timeout=30.0)
+        if status == 200:
+            return body["rows"]
+    raise RuntimeError(f"/api/query answered {status}: {body}")
 
 
 def events_total(url: str) -> float:
@@ -250,6 +275,8 @@ class Options:
     clients: int
     env: dict[str, str]
     profile: Path | None
+    log_dir: Path | None
+    classifier: Path | None = None
     fetch_bytes: int = 8 * 1024 * 1024
 
 
@@ -389,7 +416,8 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
     env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"lw-bench-{tag}", "LW_TOPIC_PARTITIONS": str(opts.partitions),
            "LW_REFERENCE_MAX": str(opts.reference), "LW_AGENTS": "all", **opts.env}
     result: dict[str, Any] = {"repeat": index, "load_before": load(), "store_url": store_url.split("?")[0]}
-    with LocalStack(state_dir=state, clickhouse_url=store_url) as stack:
+    log_dir = (opts.log_dir / f"run{index}") if opts.log_dir else None
+    with LocalStack(state_dir=state, clickhouse_url=store_url, log_dir=log_dir) as stack:
         bootstrap = stack.start_broker()
         from streams.kafka import ensure_topics
 
@@ -400,6 +428,9 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         result["publish"] = pub
         console.print(f"[dim]repeat {index}: published {pub['predictions']:,} predictions in {pub['records']} records, "
                       f"{pub['bytes'] / 1e6:,.0f} MB in {pub['seconds']:.1f} s[/]")
+        if opts.classifier is not None:  # the classify stage reads <state_dir>/classifier/classifier.skops
+            (state / "classifier").mkdir(parents=True, exist_ok=True)
+            shutil.copy(opts.classifier, state / "classifier" / "classifier.skops")
         workers = start_workers(stack, opts, env)
         children = [c for c, _ in workers]
         url = workers[0][1]
@@ -446,7 +477,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         result["ceiling_mb_per_s"] = raw["bytes"] / raw["seconds"] / 1e6
         result["ratio"] = rate / result["ceiling_per_s"]
         # paced run: 50 % of the measured rate, ts_ms = publish time
-        target = 0.5 * rate
+        target = 0.5 * rate if np.isfinite(rate) and rate > 0 else 0.5 * count / max(1.0, seconds)
         paced_start = now_ms()
         n_paced, paced_wall = asyncio.run(publish_paced(work, bootstrap, topic, tag + "p", opts.batch, target,
                                                         opts.paced_seconds, opts.partitions))
@@ -461,6 +492,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         time.sleep(2.0)
         result["drift_windows"] = int(query(url, "SELECT uniqExact(window_id) FROM drift_windows")[0][0])
         result["alerts"] = query(url, "SELECT kind, count() FROM alerts GROUP BY kind ORDER BY kind")
+        result["labelled_events"] = int(query(url, "SELECT count() FROM attack_labels")[0][0])
         result["unique_events"] = int(query(url, "SELECT uniqExact(event_id) FROM predictions")[0][0])
         sampler.stop()
         result["load_after"] = load()
@@ -532,17 +564,26 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], metavar="LW_NAME=VALUE",
                     help="extra worker setting, e.g. LW_SINK_BATCH_RECORDS=64 (repeatable)")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the first repeat go here")
+    ap.add_argument("--log-dir", type=Path, default=None, help="keep the broker and worker logs here")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.workers == 2 and args.store == "chdb":
         ap.error("two worker processes cannot open one chDB path: use --store server")
     opts = Options(args.predictions, args.batch, args.workers, args.store, args.repeats, args.partitions,
                    args.reference, args.paced_seconds, args.clients,
-                   dict(kv.split("=", 1) for kv in args.env), args.profile)
+                   dict(kv.split("=", 1) for kv in args.env), args.profile, args.log_dir)
     work = Workload(batch=args.batch, clients=args.clients)
     runs = []
     server = None
     with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp:
+        classify = "off"
+        try:
+            opts.classifier = Path(tmp) / "classifier.skops"
+            classify = f"on ({train_classifier(work, opts.classifier)})"
+        except Exception as exc:  # the classifier is another engineer's work in progress: run without it
+            opts.classifier = None
+            classify = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+        console.print(f"[dim]classify stage: {classify}[/]")
         try:
             if args.store == "server":
                 from tests.clickhouse_server import ClickHouseServer
@@ -558,6 +599,7 @@ def main() -> None:
             if server is not None:
                 server.close()
     out = report(opts, runs)
+    out["classify"] = classify
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))
 

@@ -35,7 +35,9 @@ RECHECK_S = 60.0
 
 def classifier_path(settings: Any) -> Path:
     """``settings.classifier_path`` or ``<state_dir>/classifier/classifier.skops``."""
-    return Path(settings.classifier_path) if settings.classifier_path else settings.state_path / "classifier" / "classifier.skops"
+    if settings.classifier_path:
+        return Path(settings.classifier_path)
+    return settings.state_path / "classifier" / "classifier.skops"
 
 
 def label_records(classifier: Any, batches: Sequence[PredictionBatch]) -> list[dict[str, Any]]:
@@ -119,8 +121,9 @@ class ClassifyStage:
             return
         for b in live:
             if b.outputs.ndim != 2 or b.outputs.shape[1] != classifier.spec.n_classes:
-                self._warn_once(f"width:{b.model_id}", "model %s sends %s-class outputs; the attack classifier expects "
-                                "%d: its events are not labelled", b.model_id, b.outputs.shape[1:], classifier.spec.n_classes)
+                self._warn_once(f"width:{b.model_id}", "model %s sends outputs of shape %s; the attack classifier "
+                                "expects %d classes: its events are not labelled", b.model_id, b.outputs.shape[1:],
+                                classifier.spec.n_classes)
         records = await asyncio.get_running_loop().run_in_executor(self.executor, label_records, classifier, live)
         topic, labelled = self.runtime.topics["labels"], self.runtime.metrics.labelled
         for record in records:

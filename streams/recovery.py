@@ -168,7 +168,10 @@ class Recovery:
     # -- Faust signals
     async def on_assigned(self, sender: Any = None, assigned: Iterable[Any] = (), **_: Any) -> None:
         """Partitions assigned: rebuild the windows of the newly assigned predictions partitions."""
-        mine = {tp for tp in assigned if tp.topic == self.topic}
+        from aiokafka import TopicPartition
+
+        # Faust hands its own TP tuples; aiokafka asserts on its TopicPartition type
+        mine = {TopicPartition(tp.topic, tp.partition) for tp in assigned if tp.topic == self.topic}
         new = mine - self.assigned
         self.assigned = mine
         restore_alerts = self.hub is not None and not self.alerts_restored
@@ -194,7 +197,9 @@ class Recovery:
         task.add_done_callback(self._done)
 
     async def on_revoked(self, sender: Any = None, revoked: Iterable[Any] = (), **_: Any) -> None:
-        self.assigned -= set(revoked)
+        from aiokafka import TopicPartition
+
+        self.assigned -= {TopicPartition(tp.topic, tp.partition) for tp in revoked}
 
     def _done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
@@ -233,6 +238,7 @@ class Recovery:
             stats.error = f"timed out after {RECOVERY_TIMEOUT_S:.0f} s"
         except Exception as exc:  # noqa: BLE001 - logged; the stages go on with what they have
             stats.error = f"{type(exc).__name__}: {exc}"
+            log.debug("window recovery failed", exc_info=True)
         stats.seconds = time.perf_counter() - started
         self.history.append(stats)
         if stats.error:

@@ -108,11 +108,13 @@ class Reservoir:
         ((3, 1), (3,))
     """
 
-    def __init__(self, capacity: int, rng: np.random.Generator | None = None) -> None:
+    def __init__(self, capacity: int, rng: np.random.Generator | None = None,
+                 dtypes: Mapping[str, np.dtype] | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"reservoir capacity must be >= 1, got {capacity}")
         self.capacity = int(capacity)
         self.rng = rng if rng is not None else np.random.default_rng(0)
+        self.dtypes = dict(dtypes or {})  # storage dtype per column (default: the first batch's dtype)
         self._seen = 0
         self._size = 0
         self._cols: dict[str, np.ndarray] | None = None
@@ -137,16 +139,24 @@ class Reservoir:
             if v.shape[0] != n:
                 raise ValueError(f"column {name!r} has {v.shape[0]} rows, event_ids has {n}")
         if self._cols is None:
-            self._cols = {name: np.empty((self.capacity,) + v.shape[1:], dtype=v.dtype) for name, v in cols.items()}
+            self._cols = {name: np.empty((self.capacity,) + v.shape[1:], dtype=self.dtypes.get(name, v.dtype))
+                          for name, v in cols.items()}
         elif set(cols) != set(self._cols):
             raise ValueError(f"columns {sorted(cols)} differ from the reservoir's {sorted(self._cols)}")
         return cols
 
-    def add(self, columns: Mapping[str, np.ndarray], event_ids: Sequence[str] | np.ndarray) -> None:
-        """Offer a batch of rows; afterwards the sample is uniform over all rows ever offered."""
+    def add(self, columns: Mapping[str, np.ndarray], event_ids: Sequence[str] | np.ndarray,
+            rows: np.ndarray | None = None) -> None:
+        """Offer a batch of rows; afterwards the sample is uniform over all rows ever offered.
+
+        ``rows`` (indices into the columns) offers only those rows, in that order. Only
+        the rows that land in the sample are copied (and converted to the storage dtype):
+        once the reservoir is full that is a handful per batch, not the whole batch.
+        """
         ids = np.asarray(event_ids, dtype=object).ravel()
-        n = ids.shape[0]
-        cols = self._check(columns, n)
+        cols = self._check(columns, ids.shape[0])
+        src = None if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+        n = ids.shape[0] if src is None else src.shape[0]
         if n == 0:
             return
         assert self._cols is not None
@@ -154,23 +164,25 @@ class Reservoir:
         fill = max(0, min(n, cap - seen))  # rows that go straight into free slots
         if fill:
             dst = slice(seen, seen + fill)
+            take = slice(0, fill) if src is None else src[:fill]
             for name, v in cols.items():
-                self._cols[name][dst] = v[:fill]
-            self._ids[dst] = ids[:fill]
+                self._cols[name][dst] = v[take]
+            self._ids[dst] = ids[take]
         if fill < n:
             # row i (global index seen+i) draws j in [0, seen+i]; j < cap replaces slot j
             highs = seen + np.arange(fill, n, dtype=np.int64) + 1
             slots = self.rng.integers(0, highs)
-            rows = np.flatnonzero(slots < cap) + fill
-            slots = slots[rows - fill]
-            if rows.size:
+            picked = np.flatnonzero(slots < cap) + fill
+            slots = slots[picked - fill]
+            if picked.size:
                 # last write wins on a shared slot, as in the sequential algorithm
                 _, last = np.unique(slots[::-1], return_index=True)
-                pick = rows.size - 1 - last
-                rows, slots = rows[pick], slots[pick]
+                pick = picked.size - 1 - last
+                picked, slots = picked[pick], slots[pick]
+                take = picked if src is None else src[picked]
                 for name, v in cols.items():
-                    self._cols[name][slots] = v[rows]
-                self._ids[slots] = ids[rows]
+                    self._cols[name][slots] = v[take]
+                self._ids[slots] = ids[take]
         self._seen = seen + n
         self._size = min(cap, self._seen)
 
@@ -459,8 +471,10 @@ class WindowManager:
         if n == 0:
             return []
         cols: dict[str, np.ndarray] = {"ts_ms": ts, "predicted": np.asarray(predicted, dtype=np.int32).ravel()}
-        for name, mat in layers.items():
-            cols[_LAYER + name] = np.asarray(mat, dtype=np.float32).reshape(n, -1)
+        for name, mat in layers.items():  # kept in their dtype: only the sampled rows are converted to float32
+            mat = np.asarray(mat)
+            cols[_LAYER + name] = (mat if mat.dtype.kind == "f" else mat.astype(np.float32)).reshape(n, -1)
+        dtypes = {c: np.dtype(np.float32) for c in cols if c.startswith(_LAYER)}
         rows, starts = window_starts(ts, self.size_ms, self.step_ms)
         late = starts <= st.closed_upto
         if late.any():
@@ -471,8 +485,8 @@ class WindowManager:
             mask = (ts >= s) & (ts < s + self.size_ms)
             res = st.open.get(s)
             if res is None:
-                res = st.open[s] = Reservoir(self.capacity, self.rng)
-            res.add({c: v[mask] for c, v in cols.items()}, ids[mask])
+                res = st.open[s] = Reservoir(self.capacity, self.rng, dtypes)
+            res.add(cols, ids, rows=None if mask.all() else np.flatnonzero(mask))
         st.watermark = max(st.watermark, int(ts.max()))
         # windows past the watermark are closed, whether or not they ever held an event
         horizon = ((st.watermark - self.size_ms - self.lateness_ms) // self.step_ms) * self.step_ms

@@ -217,14 +217,18 @@ class DevTools:
         return result["result"].get("value")
 
     async def until(self, expression: str, timeout: float = 30) -> Any:
-        """Evaluate until truthy (the async twin of tests.waiting.wait_until)."""
+        """Evaluate until truthy; a script error (page still loading) counts as "not yet"
+        (the async twin of tests.waiting.wait_until)."""
         deadline = time.monotonic() + timeout
         while True:
-            value = await self.eval(expression)
+            try:
+                value, error = await self.eval(expression), None
+            except RuntimeError as exc:
+                value, error = None, exc
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise TimeoutError(f"not true after {timeout:g}s: {expression}")
+                raise TimeoutError(f"not true after {timeout:g}s: {expression} (last error: {error})")
             await asyncio.sleep(0.1)  # poll interval
 
     async def click(self, x: float, y: float) -> None:

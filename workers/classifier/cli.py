@@ -162,7 +162,8 @@ def _detection(rows: np.ndarray, test: AttackDataset, p_adv: np.ndarray, clean: 
     }
 
 
-def metrics(test: AttackDataset, labels: Labels, target_proba: np.ndarray, target_classes: np.ndarray) -> dict[str, Any]:
+def metrics(test: AttackDataset, labels: Labels, target_proba: np.ndarray,
+            target_classes: np.ndarray) -> dict[str, Any]:
     """Every figure of the evaluation from held-out rows and the classifier's outputs on them (pure)."""
     adv = test.adversarial
     clean = ~adv
@@ -192,14 +193,16 @@ def metrics(test: AttackDataset, labels: Labels, target_proba: np.ndarray, targe
         target[model] = {"map": _f(_ap(truth_t == model, target_proba[adv, i])), "recall": _f(rec_t[i]),
                          "f1": _f(f1_t[i]), "n": int((truth_t == model).sum())}
     present = [m for m in classes if target[m]["n"]]
-    target_mean = {k: _f(np.mean([target[m][k] for m in present])) if present else None for k in ("map", "recall", "f1")}
+    target_mean = {k: _f(np.mean([target[m][k] for m in present])) if present else None
+                   for k in ("map", "recall", "f1")}
     target_mean["accuracy"] = _f((labels.target_model[adv] == truth_t).mean()) if adv.any() else None
 
     # attack type: confusion over every name seen in truth or prediction
     names = sorted(set(test.attack.tolist()) | set(labels.attack_type.tolist()), key=lambda a: (a != CLEAN, a))
     index = {a: i for i, a in enumerate(names)}
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
-    np.add.at(confusion, (np.vectorize(index.get)(test.attack), np.vectorize(index.get)(labels.attack_type)), 1)
+    code = np.vectorize(index.get, otypes=[np.int64])
+    np.add.at(confusion, (code(test.attack), code(labels.attack_type)), 1)
     attack_type = {
         "accuracy": _f((labels.attack_type == test.attack).mean()),
         "accuracy_adversarial_only": _f((labels.attack_type[adv] == test.attack[adv]).mean()) if adv.any() else None,
@@ -216,7 +219,8 @@ def metrics(test: AttackDataset, labels: Labels, target_proba: np.ndarray, targe
             continue
         per_attack[name] = {
             **_detection(rows, test, p, clean),
-            "success_rate": _f(test.success[rows & test.clean_correct].mean()) if (rows & test.clean_correct).any() else None,
+            "success_rate": _f(test.success[rows & test.clean_correct].mean())
+            if (rows & test.clean_correct).any() else None,
             "attack_type_accuracy": _f((labels.attack_type[rows] == name).mean()),
             "target_model_accuracy": _f((labels.target_model[rows] == test.target_model[rows]).mean()),
         }
@@ -300,13 +304,15 @@ def print_report(report: dict[str, Any]) -> None:
 
     console = _console()
     cva = report["clean_vs_adversarial"]
-    t = Table(title=f"(a) clean vs adversarial — held-out, n={report['n_test']} ({report['kind']}, {report['classifier_version']})")
+    t = Table(title=f"(a) clean vs adversarial — held-out, n={report['n_test']} "
+                    f"({report['kind']}, {report['classifier_version']})")
     for col in ("image type", "AP", "recall", "F1", "n"):
         t.add_column(col, justify="right" if col != "image type" else "left")
     for name, row in cva["per_class"].items():
         t.add_row(name, _fmt(row["ap"]), _fmt(row["recall"]), _fmt(row["f1"]), str(row["n"]))
     t.add_row("mean", _fmt(cva["map"]), _fmt(cva["recall"]), _fmt(cva["f1"]), "", style="bold")
-    t.caption = f"ROC AUC {_fmt(cva['roc_auc'])}, clean false-positive rate {_fmt(cva['false_positive_rate'])} at p ≥ 0.5"
+    t.caption = (f"ROC AUC {_fmt(cva['roc_auc'])}, clean false-positive rate "
+                 f"{_fmt(cva['false_positive_rate'])} at p ≥ 0.5")
     console.print(t)
 
     t = Table(title="(b) target model — adversarial rows only")

@@ -1,0 +1,89 @@
+"""The classify stage's pure labelling function and its handling of a missing classifier (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+
+from schemas.batch import PredictionBatch
+from schemas.codec import decode, encode
+from streams.classify import ClassifyStage, label_records
+from streams.rows import Delivered
+from workers.classifier.model import AttackClassifier
+
+
+def _batch(model: str, outputs: np.ndarray, role: str = "live") -> PredictionBatch:
+    ids = [f"{model}-{i}" for i in range(len(outputs))]
+    return PredictionBatch.build(model, ids, outputs=outputs, layers={}, role=role,
+                                 ts_ms=np.arange(len(outputs), dtype=np.int64) + 1_700_000_000_000)
+
+
+def test_label_records_encode_with_the_codec(trained, small_dataset):
+    clf = AttackClassifier.load(trained)
+    calls = []
+    predict = clf.predict
+    clf.predict = lambda x: calls.append(len(x)) or predict(x)
+    batches = [_batch("cnn", small_dataset.outputs[:5]), _batch("mlp", small_dataset.outputs[5:12]),
+               _batch("odd", np.full((3, 4), 0.25, np.float32))]  # other width: left out
+    records = label_records(clf, batches)
+    assert calls == [12]  # one predict call for the whole delivery
+    assert [r["model_id"] for r in records] == ["cnn", "mlp"]
+    expected = predict(small_dataset.outputs[:12])
+    for record, sl in zip(records, (slice(0, 5), slice(5, 12))):
+        name, decoded = decode(encode("AttackLabels", record), expect="AttackLabels")
+        assert name == "AttackLabels"
+        assert decoded["event_ids"] == record["event_ids"] and decoded["classifier_version"] == clf.version
+        assert decoded["attack_type"] == expected.attack_type[sl].tolist()
+        np.testing.assert_allclose(decoded["p_adversarial"], expected.p_adversarial[sl], rtol=1e-6)
+        assert len(decoded["ts_ms"]) == len(decoded["target_prob"]) == sl.stop - sl.start
+
+
+class _Topic:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes]] = []
+
+    async def send(self, key: bytes, value: bytes) -> None:
+        self.sent.append((key, value))
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.counts: dict[str, float] = {}
+
+    def labels(self, model_id: str):
+        return SimpleNamespace(inc=lambda n=1: self.counts.__setitem__(model_id, self.counts.get(model_id, 0) + n))
+
+
+def test_stage_waits_for_a_classifier_then_labels_live_batches(trained, small_dataset, tmp_path, caplog):
+    path = tmp_path / "later" / "classifier.skops"
+    runtime = SimpleNamespace(settings=SimpleNamespace(classifier_path=str(path), state_path=tmp_path),
+                              topics={"labels": _Topic()}, metrics=SimpleNamespace(labelled=_Counter()))
+    stage = ClassifyStage(runtime)
+    live = Delivered(_batch("cnn", small_dataset.outputs[:6]), "lw.predictions", 0, 1)
+    reference = Delivered(_batch("cnn", small_dataset.outputs[:4], role="reference"), "lw.predictions", 0, 2)
+
+    async def run() -> None:
+        with caplog.at_level(logging.WARNING, logger="streams.classify"):
+            await stage.handle([live])
+            stage._next_check = 0.0  # as if 60 s had passed
+            await stage.handle([live])
+        assert runtime.topics["labels"].sent == []
+        assert sum("no attack classifier" in r.getMessage() for r in caplog.records) == 1
+        path.parent.mkdir()
+        shutil.copy(trained, path)
+        await stage.handle([live, reference])  # not due yet: still nothing
+        assert runtime.topics["labels"].sent == []
+        stage._next_check = 0.0
+        await stage.handle([live, reference])
+
+    asyncio.run(run())
+    sent = runtime.topics["labels"].sent
+    assert len(sent) == 1 and sent[0][0] == b"cnn"
+    _, record = decode(sent[0][1], expect="AttackLabels")
+    assert len(record["event_ids"]) == 6
+    assert runtime.metrics.labelled.counts == {"cnn": 6}
+    stage.executor.shutdown()
