@@ -125,7 +125,9 @@ class PacedPublisher:
         try:
             next_at = time.monotonic()
             for i in range(self.plan.n_batches):
-                self.running.wait()
+                if not self.running.is_set():
+                    self.running.wait()
+                    next_at = time.monotonic()  # resume at the same rate, no burst to catch up
                 now = time.monotonic()
                 if now < next_at:
                     time.sleep(next_at - now)  # pacing the stream, not synchronisation
