@@ -6,22 +6,36 @@
 Each repeat starts a fresh Tansu broker and fresh worker(s) (chDB at a new path, or a new
 database on one Debian clickhouse-server started for the whole benchmark), then:
 
-1. publishes a reference for the synthetic model (``role=reference``, one record per
-   partition, first in every partition) and a backlog of ``--predictions`` live
-   predictions in micro-batches of ``--batch`` (d = 512 float16 penultimate activations,
-   a 10-class output vector, ``--clients`` client ids of which one sends near-duplicate
-   queries, so the probing stage has something to find), round-robin over the partitions;
-2. starts the worker(s) with every agent on and measures the sustained rate from the first
-   consume to the last row in ClickHouse: the worker's ``/api/query`` is polled for
-   ``count()``, ``min(ingested_ms)`` and ``max(ingested_ms)`` of ``predictions``. The rows
-   of the first ingest step (``ingested_ms = min``) mark the first consume, so the rate is
-   ``(rows - first step rows) / (max - min)``. Worker CPU (utime + stime from
-   ``/proc/PID/stat``, sampled every 50 ms) is interpolated at those two instants;
-3. reads the same records with a plain ``AIOKafkaConsumer`` (manual assign, from the
-   beginning to the end offsets, no decoding): the consume ceiling of this machine;
-4. publishes at 50 % of the measured rate for ``--paced-seconds`` with ``ts_ms`` = publish
-   time and reports p50/p99 of ``ingested_ms - ts_ms`` over those rows.
+1. publishes a reference for the synthetic model (``role=reference``, first in every
+   partition) and a warm-up (two live micro-batches per partition, 40 s and 20 s of event
+   time before the backlog), starts the worker(s) with every agent on and waits until the
+   warm-up window was tested and, when a classifier could be trained, labels landed: the
+   one-time costs (reference load, torch import, skops import and classifier load) stay
+   out of the measurement;
+2. publishes a pre-encoded backlog of ``--predictions`` live predictions in micro-batches
+   of ``--batch`` (d = 512 float16 penultimate activations, a 10-class output vector,
+   ``--clients`` client ids of which one sends near-duplicate queries, so the probing
+   stage has something to find; event time advancing at ``--event-rate``, so hopping
+   windows close and are tested during the run), round-robin over the partitions, as fast
+   as aiokafka's producer goes (a few seconds, during which the worker already consumes:
+   the producer's CPU is charged to the measurement, not hidden from it);
+3. measures the sustained rate from the first consume to the last row in ClickHouse: the
+   worker's ``/api/query`` is polled for ``count()``; then ``min``/``max(ingested_ms)`` of
+   the backlog's rows give the interval. The rows of the first ingest step
+   (``ingested_ms = min``) mark the first consume, so the rate is
+   ``(rows - first step rows) / (max - min)``; ``steady_per_s`` is the rate over the last
+   90 % of the rows. Worker CPU (utime + stime from ``/proc/PID/stat``, sampled every
+   50 ms) is interpolated at the same two instants;
+4. reads all records with a plain ``AIOKafkaConsumer`` (manual assign, from the beginning
+   to the end offsets, ``max_partition_fetch_bytes`` as the worker's, no decoding): the
+   consume ceiling of this machine;
+5. publishes at 50 % of the measured rate for ``--paced-seconds`` with ``ts_ms`` = publish
+   time and reports p50/p99 of ``ingested_ms - ts_ms`` over those rows (``ingested_ms`` is
+   stamped when the sink builds the rows, just before the insert).
 
+The classify stage needs ``<state_dir>/classifier/classifier.skops``: the benchmark
+trains a small random forest on synthetic outputs once (``classify`` in the JSON says
+whether that worked; without it the stage labels nothing).
 ``--profile DIR`` records the worker(s) with py-spy (``--format raw``, collapsed stacks)
 during step 2 of the first repeat and prints the heaviest frames.
 The machine is shared: the load average before and after each repeat is in the JSON.
@@ -276,6 +290,7 @@ class Options:
     env: dict[str, str]
     profile: Path | None
     log_dir: Path | None
+    event_rate: float = 50_000.0
     classifier: Path | None = None
     fetch_bytes: int = 8 * 1024 * 1024
 
@@ -284,36 +299,52 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-async def publish_backlog(opts: Options, work: Workload, bootstrap: str, topic: str, tag: str) -> dict[str, float]:
+def encode_backlog(opts: Options, work: Workload, tag: str, base_ms: int) -> list[bytes]:
+    """The backlog's records, encoded before the clock starts; event time advances at ``opts.event_rate``."""
+    n_batches = -(-opts.predictions // opts.batch)
+    step_ms = 1000 * opts.batch / opts.event_rate
+    with Progress(TextColumn("encoding backlog"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("encode", total=n_batches)
+        out = []
+        for i in range(n_batches):
+            out.append(work.live(i, tag, base_ms + int(i * step_ms)))
+            progress.advance(task)
+    return out
+
+
+async def publish_records(bootstrap: str, topic: str, records: list[tuple[bytes, int]], label: str) -> float:
+    """Send (value, partition) records as fast as the producer goes; returns the seconds taken."""
     prod = await producer(bootstrap)
-    per_part = max(1, opts.reference // opts.partitions)
-    ref = work.reference(per_part * opts.partitions, tag)
-    nbytes = 0
     try:
-        for p in range(opts.partitions):  # the reference is first in every partition
-            value = encode_batch(ref.slice(p * per_part, (p + 1) * per_part))
-            nbytes += len(value)
-            await (await prod.send(topic, value=value, partition=p))
-        n_batches = -(-opts.predictions // opts.batch)
         started = time.perf_counter()
         pending = []
-        with Progress(TextColumn("publishing backlog"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
-            task = progress.add_task("publish", total=n_batches)
-            for i in range(n_batches):
-                value = work.live(i, tag, now_ms())
-                nbytes += len(value)
-                pending.append(await prod.send(topic, value=value, partition=i % opts.partitions))
+            task = progress.add_task(label, total=len(records))
+            for value, partition in records:
+                pending.append(await prod.send(topic, value=value, partition=partition))
                 if len(pending) >= 64:
                     await asyncio.gather(*pending)
                     pending.clear()
                 progress.advance(task)
             await asyncio.gather(*pending)
-        elapsed = time.perf_counter() - started
+        return time.perf_counter() - started
     finally:
         await prod.stop()
-    return {"records": n_batches + opts.partitions, "bytes": nbytes, "seconds": elapsed,
-            "predictions": n_batches * opts.batch + per_part * opts.partitions}
+
+
+def warmup_records(opts: Options, work: Workload, tag: str, base_ms: int) -> tuple[list[tuple[bytes, int]], int]:
+    """The reference (first in every partition), then two live batches per partition 40 s and 20 s of
+    event time before the backlog: the second closes the first's windows, so the worker loads the
+    reference, imports the MMD engine and runs a test (and loads the classifier) before the clock starts."""
+    per_part = max(1, opts.reference // opts.partitions)
+    ref = work.reference(per_part * opts.partitions, tag)
+    records = [(encode_batch(ref.slice(p * per_part, (p + 1) * per_part)), p) for p in range(opts.partitions)]
+    for k, ago in enumerate((40_000, 20_000)):
+        for p in range(opts.partitions):
+            records.append((work.live(50_000 + k * opts.partitions + p, tag + "w", base_ms - ago), p))
+    return records, per_part * opts.partitions + 2 * opts.partitions * opts.batch
 
 
 async def publish_paced(work: Workload, bootstrap: str, topic: str, tag: str, batch: int, target: float,
@@ -375,6 +406,22 @@ def wait_rows(url: str, expected: int, children: list[Child], label: str, timeou
     raise RuntimeError(f"{label}: {row[0]} of {expected} rows after {timeout:.0f} s")
 
 
+def wait_warm(url: str, opts: Options, children: list[Child], timeout: float = 180) -> dict[str, Any]:
+    """Until the warm-up window was tested and (with a classifier) labels landed; what was reached."""
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        for c in children:
+            c.check()
+        state = {"drift_windows": int(query(url, "SELECT count() FROM drift_windows")[0][0]),
+                 "attack_labels": int(query(url, "SELECT count() FROM attack_labels")[0][0])}
+        if state["drift_windows"] > 0 and (opts.classifier is None or state["attack_labels"] > 0):
+            return state
+        time.sleep(0.5)
+    console.print(f"[yellow]warm-up incomplete after {timeout:.0f} s: {state}[/]")
+    return state
+
+
 def start_profiler(pid: int, out: Path) -> subprocess.Popen:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return subprocess.Popen([py_spy, "record", "-p", str(pid), "-o", str(out), "--format", "raw", "-r", "97",
@@ -424,10 +471,12 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         settings = Settings(kafka_bootstrap=bootstrap, topic_prefix=prefix, topic_partitions=opts.partitions)
         ensure_topics(settings)
         topic = settings.topic("predictions")
-        pub = asyncio.run(publish_backlog(opts, work, bootstrap, topic, tag))
-        result["publish"] = pub
-        console.print(f"[dim]repeat {index}: published {pub['predictions']:,} predictions in {pub['records']} records, "
-                      f"{pub['bytes'] / 1e6:,.0f} MB in {pub['seconds']:.1f} s[/]")
+        span_ms = int(1000 * opts.predictions / opts.event_rate)
+        base = now_ms() - span_ms  # the backlog's event time ends about when it is published
+        warm, n_warm = warmup_records(opts, work, tag, base)
+        asyncio.run(publish_records(bootstrap, topic, warm, "publishing reference and warm-up"))
+        backlog = encode_backlog(opts, work, tag, base)
+        pub = {"records": len(backlog), "bytes": sum(map(len, backlog)), "predictions": len(backlog) * opts.batch}
         if opts.classifier is not None:  # the classify stage reads <state_dir>/classifier/classifier.skops
             (state / "classifier").mkdir(parents=True, exist_ok=True)
             shutil.copy(opts.classifier, state / "classifier" / "classifier.skops")
@@ -439,15 +488,21 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         if server is not None and server._proc is not None:
             pids["clickhouse"] = server._proc.pid
         sampler = CpuSampler(pids).start()
+        wait_rows(url, n_warm, children, "warm-up rows", timeout=180)
+        result["warmup"] = wait_warm(url, opts, children)
         profilers = []
         if opts.profile and index == 0:
             opts.profile.mkdir(parents=True, exist_ok=True)
             profilers = [(start_profiler(c.process.pid, opts.profile / f"{c.name}.txt"), opts.profile / f"{c.name}.txt")
                          for c in children]
         try:
-            expected = pub["predictions"]
-            count, first, last = (int(v) for v in wait_rows(url, expected, children, "draining backlog",
-                                                            timeout=max(300, expected / 500)))
+            pub["seconds"] = asyncio.run(publish_records(
+                bootstrap, topic, [(v, i % opts.partitions) for i, v in enumerate(backlog)], "publishing backlog"))
+            console.print(f"[dim]repeat {index}: published {pub['predictions']:,} predictions in {pub['records']} records, "
+                          f"{pub['bytes'] / 1e6:,.0f} MB in {pub['seconds']:.1f} s (the worker consumes meanwhile)[/]")
+            del backlog
+            expected = n_warm + pub["predictions"]
+            wait_rows(url, expected, children, "draining backlog", timeout=max(300, expected / 500))
         finally:
             for p, _ in profilers:
                 p.send_signal(signal.SIGINT)
@@ -456,7 +511,13 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
                     p.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        n_first = int(query(url, "SELECT count() FROM predictions WHERE ingested_ms = {t}", {"t": first})[0][0])
+        result["publish"] = pub
+        count, first, last, q10 = (int(v) for v in query(
+            url, "SELECT count(), min(ingested_ms), max(ingested_ms), quantileExact(0.1)(ingested_ms) "
+                 "FROM predictions WHERE ts_ms >= {base}", {"base": base})[0])
+        result["steady_per_s"] = 0.9 * count / ((last - q10) / 1000) if last > q10 else float("nan")
+        n_first = int(query(url, "SELECT count() FROM predictions WHERE ingested_ms = {t} AND ts_ms >= {base}",
+                            {"t": first, "base": base})[0][0])
         seconds = (last - first) / 1000
         rate = (count - n_first) / seconds if seconds > 0 else float("nan")
         bytes_per_prediction = pub["bytes"] / pub["predictions"]
@@ -473,7 +534,8 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         time.sleep(1.0)  # let the windows close before the ceiling run (they close on the wall clock)
         raw = asyncio.run(raw_consume(bootstrap, topic, opts.fetch_bytes))
         result["ceiling"] = raw
-        result["ceiling_per_s"] = pub["predictions"] / raw["seconds"] if raw["records"] >= pub["records"] else float("nan")
+        all_predictions = n_warm + pub["predictions"]
+        result["ceiling_per_s"] = all_predictions / raw["seconds"] if raw["records"] >= len(warm) + pub["records"] else float("nan")
         result["ceiling_mb_per_s"] = raw["bytes"] / raw["seconds"] / 1e6
         result["ratio"] = rate / result["ceiling_per_s"]
         # paced run: 50 % of the measured rate, ts_ms = publish time
@@ -517,11 +579,11 @@ def report(opts: Options, runs: list[dict]) -> dict[str, Any]:
     table = Table(title=f"pipeline: {opts.predictions:,} predictions, batch {opts.batch}, "
                         f"{opts.workers} worker(s), store {opts.store}")
     cols = [("repeat", None), ("pred/s", "predictions_per_s"), ("MB/s", "mb_per_s"), ("ceiling/s", "ceiling_per_s"),
-            ("ratio", "ratio"), ("cpu s/1k", "cpu_s_per_1k"), ("cores", "cpu_cores"), ("p50 s", "p50_latency_s"),
+            ("ratio", "ratio"), ("steady/s", "steady_per_s"), ("cpu s/1k", "cpu_s_per_1k"), ("cores", "cpu_cores"), ("p50 s", "p50_latency_s"),
             ("p99 s", "p99_latency_s"), ("windows", "drift_windows"), ("load", "load_before")]
     for name, _ in cols:
         table.add_column(name, justify="right")
-    fmt = {"predictions_per_s": "{:,.0f}", "ceiling_per_s": "{:,.0f}", "mb_per_s": "{:,.1f}", "ratio": "{:.2f}",
+    fmt = {"predictions_per_s": "{:,.0f}", "steady_per_s": "{:,.0f}", "ceiling_per_s": "{:,.0f}", "mb_per_s": "{:,.1f}", "ratio": "{:.2f}",
            "cpu_s_per_1k": "{:.3f}", "cpu_cores": "{:.2f}", "p50_latency_s": "{:.2f}", "p99_latency_s": "{:.2f}",
            "drift_windows": "{:.0f}", "load_before": "{:.1f}"}
     for r in runs:
@@ -561,6 +623,8 @@ def main() -> None:
     ap.add_argument("--reference", type=int, default=1000, help="reference events (LW_REFERENCE_MAX)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--paced-seconds", type=float, default=20.0)
+    ap.add_argument("--event-rate", type=float, default=50_000.0,
+                    help="predictions per second of event time in the backlog (how many windows it spans)")
     ap.add_argument("--env", action="append", default=[], metavar="LW_NAME=VALUE",
                     help="extra worker setting, e.g. LW_SINK_BATCH_RECORDS=64 (repeatable)")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of the first repeat go here")
@@ -571,7 +635,7 @@ def main() -> None:
         ap.error("two worker processes cannot open one chDB path: use --store server")
     opts = Options(args.predictions, args.batch, args.workers, args.store, args.repeats, args.partitions,
                    args.reference, args.paced_seconds, args.clients,
-                   dict(kv.split("=", 1) for kv in args.env), args.profile, args.log_dir)
+                   dict(kv.split("=", 1) for kv in args.env), args.profile, args.log_dir, args.event_rate)
     work = Workload(batch=args.batch, clients=args.clients)
     runs = []
     server = None

@@ -154,7 +154,9 @@ class DriftStage:
         self.app, self.runtime, self.settings = app, runtime, s
         self.windows = WindowManager(size_s=s.window_size_s, step_s=s.window_step_s, capacity=s.window_max_samples,
                                      min_samples=s.window_min_samples, count_trigger=s.window_count_trigger)
-        self.pending = Coalescer(capacity=s.window_max_samples)
+        # windows closed in a burst (a backlog replayed after a restart) are tested one by one up to
+        # two minutes' worth per key; only past that are they merged
+        self.pending = Coalescer(capacity=s.window_max_samples, max_pending=max(1, int(120 / s.window_step_s)))
         self.references = ReferenceCache(runtime)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-mmd")
         self.wakeup = asyncio.Event()

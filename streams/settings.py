@@ -57,6 +57,7 @@ class Settings:
     sink_within_s: float = 0.5
     sink_buffer_rows: int = 200_000
     rebalance_timeout_s: float = 2.0
+    torch_threads: int = 1  # intra-op threads for the MMD engine (0: torch's default)
     # codec limits
     max_record_bytes: int = 32 * 1024 * 1024
     max_batch_rows: int = 65_536

@@ -541,12 +541,15 @@ class WindowManager:
 
 
 class Coalescer:
-    """At most one window per key waiting for a test; a newer one merges into it.
+    """At most ``max_pending`` windows per key waiting for a test; a newer one merges into the newest.
 
-    When the MMD tests fall behind, windows of a key do not queue up: :meth:`put` merges a
-    new window into the one still pending for its key (a uniform sample of the union,
-    weighted by ``n_events``, at most ``capacity`` rows, id from the merged span) and
-    returns True. :meth:`pop_any` hands out the key that has waited longest.
+    When the MMD tests fall behind, windows of a key do not queue up without bound:
+    :meth:`put` queues up to ``max_pending`` windows per key (default 1), and merges a
+    window arriving past that into the newest one still pending for its key (a uniform
+    sample of the union, weighted by ``n_events``, at most ``capacity`` rows, id from the
+    merged span) and returns True. A ``max_pending`` above 1 lets a burst of windows
+    closed at once (a backlog replayed after a restart) be tested one by one.
+    :meth:`pop_any` hands out the oldest window of the key that has waited longest.
 
     Example:
         >>> def w(s, n):
@@ -559,30 +562,40 @@ class Coalescer:
         >>> m = c.pop_any()
         >>> m.window_id, m.n_events, m.n_samples, c.pop_any()
         ('m@1:0-20', 16, 8, None)
+        >>> c = Coalescer(capacity=8, max_pending=2)
+        >>> c.put(w(0, 8)), c.put(w(10, 8)), c.put(w(20, 8)), [c.pop_any().window_id for _ in range(2)]
+        (False, False, True, ['m@1:0-10', 'm@1:10-30'])
     """
 
-    def __init__(self, capacity: int | None = None, seed: int = 0) -> None:
+    def __init__(self, capacity: int | None = None, seed: int = 0, max_pending: int = 1) -> None:
         self.capacity = capacity
+        self.max_pending = max(1, int(max_pending))
         self.rng = np.random.default_rng(seed)
-        self._pending: OrderedDict[WindowKey, ClosedWindow] = OrderedDict()
+        self._pending: OrderedDict[WindowKey, list[ClosedWindow]] = OrderedDict()
         self.coalesced: dict[WindowKey, int] = {}
 
     def put(self, window: ClosedWindow) -> bool:
         """Queue a window; True when it was merged into a window already pending for its key."""
         key = window.key
-        prev = self._pending.get(key)
-        if prev is None:
-            self._pending[key] = window
+        queue = self._pending.setdefault(key, [])
+        if len(queue) < self.max_pending:
+            queue.append(window)
             return False
-        self._pending[key] = merge_windows(prev, window, self.capacity, self.rng)
+        queue[-1] = merge_windows(queue[-1], window, self.capacity, self.rng)
         self.coalesced[key] = self.coalesced.get(key, 0) + 1
         return True
 
     def pop_any(self) -> ClosedWindow | None:
-        """The pending window that has waited longest, or None."""
+        """The oldest pending window of the key that has waited longest, or None."""
         if not self._pending:
             return None
-        return self._pending.popitem(last=False)[1]
+        key, queue = next(iter(self._pending.items()))
+        window = queue.pop(0)
+        if queue:
+            self._pending.move_to_end(key)  # the other keys' turn first
+        else:
+            del self._pending[key]
+        return window
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return sum(len(q) for q in self._pending.values())

@@ -17,6 +17,10 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> int:
     from streams.broker import require_broker
     from streams.kafka import ensure_topics
 
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)  # small kernels: extra threads only wait for a busy core
     require_broker(settings.kafka_bootstrap)
     ensure_topics(settings)
     app, runtime = create_app(settings)

@@ -56,18 +56,16 @@ def test_sigkill_mid_stream_then_restart_keeps_everything_exactly_once(broker, c
         wait_until(lambda: scalar(url, "SELECT count() FROM reference_embeddings FINAL") == len(reference),
                    timeout=60, message="the reference in ClickHouse")
 
-        publisher = PacedPublisher(broker, topic, plan, period_s=0.2).start()
+        publisher = PacedPublisher(broker, topic, plan, period_s=0.1).start()  # event time runs 2x the wall clock
         wait_until(lambda: scalar(url, "SELECT count() FROM alerts FINAL WHERE state = 'open'") >= 1,
                    timeout=60, message="the shift alert to open before the crash")
         landed_before = scalar(url, "SELECT uniqExact(event_id) FROM predictions WHERE model_id = {m}", m=MODEL)
         windows_before = len(_combined_windows(url))
-        worker.kill()  # SIGKILL, mid-stream: the publisher keeps going for a moment
-        publisher.pause()
+        worker.kill()  # SIGKILL, mid-stream; the publisher goes on, as inference servers would
         sent_at_crash = publisher.sent
         assert 0 < landed_before - len(reference) < plan.n_events
 
         worker, url = stack.start_worker(name="worker")  # same LW_APP_ID, same chDB path (released by the kill)
-        publisher.resume()
         publisher.join(timeout=120)
         stack_producer_ids = publish_closer(broker, topic, closer)
 
@@ -101,8 +99,8 @@ def test_sigkill_mid_stream_then_restart_keeps_everything_exactly_once(broker, c
         singles = [r for r in rows if (int(r[1]), int(r[2])) in expected]
         for window_id, start, end, n_window, _ in singles:
             assert n_window == plan.events_in(int(start), int(end)), (window_id, n_window)
-        assert len(singles) >= len(expected) - 4, f"too many coalesced windows: {ids}"
-        assert not [r for r in rows if (int(r[1]), int(r[2])) not in expected and int(r[2]) - int(r[1]) <= SIZE_MS]
+        # the backlog of the downtime closes many windows at once: they are still tested one by one
+        assert len(singles) == len(expected) == len(rows), f"coalesced windows: {ids}"
 
         # -- the rebuild happened and fed the windows open at the crash
         log_text = worker.log_path.read_text(errors="replace")
