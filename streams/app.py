@@ -18,7 +18,7 @@ import faust
 
 from schemas.codec import CodecError, Limits, decode
 from streams import rows as R
-from streams.ingest import decode_records, encode_dead_letter
+from streams.ingest import MAX_DEAD_LETTER_BYTES, decode_records, encode_dead_letter
 from streams.metrics import Metrics
 from streams.settings import Settings
 from streams.store import Store, open_store_from_settings
@@ -86,7 +86,8 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(64, settings.sink_batch_records * 2),
         consumer_max_fetch_size=8 * 1024 * 1024,
-        producer_max_request_size=settings.max_record_bytes + 1024,
+        # a dead letter carries up to MAX_DEAD_LETTER_BYTES of the raw record plus its reason
+        producer_max_request_size=max(settings.max_record_bytes, MAX_DEAD_LETTER_BYTES) + 64 * 1024,
         consumer_auto_offset_reset="earliest",
         autodiscover=False,
         topic_disable_leader=True,

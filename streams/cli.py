@@ -74,7 +74,6 @@ def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.demo import run_demo
-
     from workers.inference.traffic import parse_phases
 
     try:

@@ -296,7 +296,6 @@ class ProbingStage:
     """Flags clients sending many near-identical inputs; opens a probing alert and throttles them."""
 
     def __init__(self, runtime: Any, hub: AlertHub):
-        s = runtime.settings
         self.runtime, self.hub = runtime, hub
         self.detectors: dict[str, ProbingDetector] = {}
 

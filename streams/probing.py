@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -137,23 +138,27 @@ class ProbingDetector:
         """Score one batch of queries (rows aligned across the three arguments); return new hits."""
         ids = np.asarray(client_ids, dtype=str).ravel()
         ts = np.asarray(ts_ms, dtype=np.int64).ravel()
-        emb = np.asarray(embeddings, dtype=np.float32)
-        emb = emb.reshape(emb.shape[0], -1) if emb.ndim != 2 else emb
-        if not (ids.size == ts.size == emb.shape[0]):
-            raise ValueError(f"misaligned batch: {ids.size} client ids, {ts.size} ts, {emb.shape[0]} embeddings")
+        raw = np.asarray(embeddings)
+        raw = raw.reshape(raw.shape[0], -1) if raw.ndim != 2 else raw
+        if not (ids.size == ts.size == raw.shape[0]):
+            raise ValueError(f"misaligned batch: {ids.size} client ids, {ts.size} ts, {raw.shape[0]} embeddings")
         if ids.size == 0:
             return []
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         uniq, inv = np.unique(ids, return_inverse=True)
         order = np.lexsort((ts, inv))  # grouped by client, each group in time order
         bounds = np.concatenate([[0], np.cumsum(np.bincount(inv, minlength=uniq.size))])
+        # one gather in client order (in the input dtype, float16 is half the bytes), one conversion,
+        # then L2-normalised in place: no per-client copies of the batch
+        emb = raw[order].astype(np.float32)
+        emb *= (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", emb, emb)), 1e-12))[:, None]
+        ts = ts[order]
         hits: list[ProbingHit] = []
         with _one_blas_thread():
             for g, cid in enumerate(uniq.tolist()):
                 if cid == "":
                     continue
-                rows = order[bounds[g] : bounds[g + 1]]
-                hit = self._update_client(cid, ts[rows], emb[rows])
+                lo, hi = int(bounds[g]), int(bounds[g + 1])
+                hit = self._update_client(cid, ts[lo:hi], emb[lo:hi])
                 if hit is not None:
                     hits.append(hit)
         while len(self._clients) > self.max_clients:
@@ -174,36 +179,61 @@ class ProbingDetector:
         return (sim >= self.similarity) & (sim < self.identical)
 
     def _update_client(self, cid: str, ts: np.ndarray, emb: np.ndarray) -> ProbingHit | None:
+        """Score one client's rows (time order, L2-normalised float32) against its sketch and each other.
+
+        Rows go in chunks of ``sketch_size``: a chunk sees the sketch as it was before the
+        chunk plus the chunk's earlier rows. As a chunk fills the whole ring, the sketch a
+        later chunk sees is exactly the previous chunk, which is at hand in float32 just
+        before it: one product ``chunk @ [previous; chunk].T`` per chunk, a "column before
+        my row" mask, and a time mask only when the rows span more than the window. The
+        float16 sketch is read (and renormalised) once per call and written once, with the
+        last ``sketch_size`` rows, at the end.
+        """
         st = self._state(cid, emb.shape[1])
         k, w = self.sketch_size, self.window_ms
+        n = ts.size
         hit: ProbingHit | None = None
-        for lo in range(0, ts.size, k):  # chunks of at most sketch_size rows bound the Gram matrix
-            t, e = ts[lo : lo + k], emb[lo : lo + k]
+        # chunk 0 sees the sketch entries that can fall within the window of one of its rows
+        first_hi = min(n, k)
+        live = np.flatnonzero((st.ts >= ts[0] - w) & (st.ts <= ts[first_hi - 1] + w))
+        sketch = st.emb[live].astype(np.float32)
+        # renormalise after the float16 round trip, else an exact repeat scores 1 - O(1e-5), not 1 - O(1e-8)
+        sketch *= (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", sketch, sketch)), 1e-12))[:, None]
+        x = np.concatenate([sketch, emb[:first_hi]])
+        x_ts = np.concatenate([st.ts[live], ts[:first_hi]])
+        for lo in range(0, n, k):  # chunks of at most sketch_size rows bound the product
+            hi = min(n, lo + k)
+            t, e = ts[lo:hi], emb[lo:hi]
+            if lo:  # the previous chunk (a full ring) is the sketch now: contiguous with this chunk
+                x, x_ts = emb[lo - k : hi], ts[lo - k : hi]
             if st.flagged and t[0] - st.last_near_ms > w:
                 st.flagged = False  # quiet for a whole window: the next burst is a new hit
-            # only sketch entries that can fall within the window of some row of the chunk
-            live = np.flatnonzero((st.ts >= t[0] - w) & (st.ts <= t[-1] + w))
-            sketch = st.emb[live].astype(np.float32)
-            # renormalise after the float16 round trip, else an exact repeat scores 1 - O(1e-5), not 1 - O(1e-8)
-            sketch /= np.maximum(np.linalg.norm(sketch, axis=1, keepdims=True), 1e-12)
-            sim_s = e @ sketch.T  # (c, live)
-            near_s = (np.abs(t[:, None] - st.ts[live][None, :]) <= w) & self._near(sim_s)
-            gram = e @ e.T  # (c, c); only earlier rows of the chunk count (strict lower triangle)
-            earlier = np.tri(t.size, t.size, -1, dtype=bool)
-            near_b = earlier & (np.abs(t[:, None] - t[None, :]) <= w) & self._near(gram)
-            count = near_s.sum(axis=1) + near_b.sum(axis=1)
-            total = np.where(near_s, sim_s, 0.0).sum(axis=1) + np.where(near_b, gram, 0.0).sum(axis=1)
-            has = count > 0
-            if has.any():
-                st.last_near_ms = max(st.last_near_ms, int(t[has].max()))
+            sim = e @ x.T  # (c, before + c): row i sees the columns before its own position
+            near = self._near(sim) & _before(x.shape[0] - t.size, t.size)
+            if int(x_ts.max()) - int(x_ts.min()) > w:
+                near &= np.abs(t[:, None] - x_ts[None, :]) <= w
+            count = np.count_nonzero(near, axis=1)
+            has = np.flatnonzero(count)
+            if has.size:  # rows are in time order: the last row with a near-duplicate is the latest
+                st.last_near_ms = max(st.last_near_ms, int(t[has[-1]]))
             if not st.flagged:
                 reached = np.flatnonzero(count >= self.min_queries)
                 if reached.size:
                     i = int(reached[0])
-                    hit = ProbingHit(cid, int(t[i]), int(count[i]), float(total[i] / count[i]))
+                    hit = ProbingHit(cid, int(t[i]), int(count[i]), float(sim[i][near[i]].sum()) / int(count[i]))
                     st.flagged = True
-            slots = (st.pos + np.arange(t.size)) % k
-            st.emb[slots] = e
-            st.ts[slots] = t
-            st.pos = int((st.pos + t.size) % k)
+        # ring buffer: row g of this call goes to slot (pos + g) % k; only the last k rows survive
+        first = max(0, n - k)
+        slots = (st.pos + np.arange(first, n)) % k
+        st.emb[slots] = emb[first:]
+        st.ts[slots] = ts[first:]
+        st.pos = int((st.pos + n) % k)
         return hit
+
+
+@lru_cache(maxsize=256)
+def _before(before: int, c: int) -> np.ndarray:
+    """(c, before + c) mask: row i sees the ``before`` columns and the chunk's rows earlier than i."""
+    mask = np.arange(before + c)[None, :] < (before + np.arange(c))[:, None]
+    mask.flags.writeable = False
+    return mask

@@ -55,8 +55,9 @@ def chdb_url(tmp_path: Path) -> str:
 
 
 def _drop_database(url: str, database: str) -> None:
-    from clickhouse_driver import Client
     from urllib.parse import urlsplit
+
+    from clickhouse_driver import Client
 
     parts = urlsplit(url)
     client = Client(parts.hostname, port=parts.port, connect_timeout=3)

@@ -42,6 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from workers.progress import progress_bar
+
 __all__ = [
     "CLEAN",
     "COMBINED",
@@ -154,29 +156,6 @@ def _attack_info(name: str, result: Any, n_window: int) -> dict[str, Any]:
     }
 
 
-class _NoProgress:
-    def __enter__(self) -> "_NoProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *_a: object, **_k: object) -> int:
-        return 0
-
-    def update(self, *_a: object, **_k: object) -> None:
-        return None
-
-    def advance(self, *_a: object, **_k: object) -> None:
-        return None
-
-
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
 def layer_study(
@@ -234,7 +213,7 @@ def layer_study(
     split = demo_split(seed)
 
     steps = 1 + len(presets) + (1 + len(presets))  # activations, attacks, one test per window
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"layer study: {model}", total=steps)
         t0 = time.perf_counter()
         tap = LayerTap(demo.module, [n for n in study_layers if n != PENULTIMATE],

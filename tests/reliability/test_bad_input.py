@@ -7,7 +7,7 @@
    never raise.
 2. Through the broker: all of them are produced to lw.predictions interleaved with valid
    batches (gzip, lz4, zstd and uncompressed producers), plus an empty (tombstone)
-   record and raw lines from a foreign client (kcat, snappy- and zstd-compressed). The
+   record and raw lines from a foreign client (kcat: snappy, zstd, lz4). The
    worker (``LW_MODELS`` = the one synthetic model) must land every valid event exactly
    once, dead-letter every bad record once (by topic/partition/offset) with a reason of
    its kind, and keep answering `/health`; a valid record sent last lands too (no stall).
@@ -27,6 +27,7 @@ from schemas import encode_batch
 from streams.ingest import decode_records
 from streams.stack import LocalStack, http_json
 from tests.reliability.badinput import LIMIT_ENV, LIMITS, REASONS, bad_records
+from tests.reliability.kcat_broker import KcatCompatibleBroker
 from tests.reliability.synthetic import MODEL, make_batch, query, scalar
 from tests.waiting import wait_until
 
@@ -64,14 +65,17 @@ def test_codec_turns_every_fuzzed_record_into_a_reasoned_dead_letter() -> None:
     assert len(cases) >= 0.9 * N_BAD and set(kinds) == set(REASONS), kinds
 
 
-def test_worker_dead_letters_fuzzed_records_and_lands_the_valid_ones(broker, chdb_url, tmp_path) -> None:
+def test_worker_dead_letters_fuzzed_records_and_lands_the_valid_ones(chdb_url, tmp_path) -> None:
     from kafka import KafkaProducer
 
     cases = draw_bad_records(N_BAD)
     prefix = f"fuzz{next(_run)}."
     topic = prefix + "predictions"
     rng = np.random.default_rng(11)
-    with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=chdb_url, bootstrap=broker) as stack:
+    # a broker of its own, behind a relay that lets kcat (librdkafka 2.0.2) talk to Tansu
+    with KcatCompatibleBroker(log_path=tmp_path / "tansu.log") as kafka, \
+            LocalStack(state_dir=tmp_path / "stack", clickhouse_url=chdb_url, bootstrap=kafka.bootstrap) as stack:
+        broker = kafka.bootstrap
         stack.env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"layerwatch-{prefix}", "LW_TOPIC_PARTITIONS": "2",
                      "LW_AGENTS": "sink,drift,probing,alerts", **LIMIT_ENV}
         worker, url = stack.start_worker()
@@ -95,10 +99,10 @@ def test_worker_dead_letters_fuzzed_records_and_lands_the_valid_ones(broker, chd
             md = f.get(timeout=30)
             kind_of[f"{topic}:{md.partition}:{md.offset}"] = kind
         foreign = [b"hello from a foreign client", b'{"json": "not avro"}', b"\x00\x00\x00\x00"]
-        for codec in ("snappy", "zstd"):
+        for codec in ("snappy", "zstd", "lz4"):
             subprocess.run(["kcat", "-P", "-b", broker, "-t", topic, "-z", codec], input=b"\n".join(foreign) + b"\n",
                            check=True, timeout=30, capture_output=True)
-        n_dead = len(kind_of) + 2 * len(foreign)
+        n_dead = len(kind_of) + 3 * len(foreign)
 
         def counts() -> tuple[int, int]:
             return (scalar(url, "SELECT uniqExact(event_id) FROM predictions"),
@@ -124,10 +128,10 @@ def test_worker_dead_letters_fuzzed_records_and_lands_the_valid_ones(broker, chd
             want = REASONS.get(kind) or ("empty record" if kind == "tombstone" else "")
             assert want in reasons[dl_id], (kind, reasons[dl_id])
         foreign_reasons = [r for dl, r in reasons.items() if dl not in kind_of]
-        assert len(foreign_reasons) == 2 * len(foreign)
+        assert len(foreign_reasons) == 3 * len(foreign)
         status, health = http_json(f"{url}/health")
         assert status == 200 and health["status"] == "ok"
         worker.check()  # still running
         by_kind = Counter(kind_of.values())
-        print(f"\nfuzz: {len(cases)} hypothesis records {dict(by_kind)} + {2 * len(foreign)} kcat lines; "
+        print(f"\nfuzz: {len(cases)} hypothesis records {dict(by_kind)} + {3 * len(foreign)} kcat lines; "
               f"{len(valid_ids) + 2} valid events landed once, {len(rows)} dead letters")

@@ -22,7 +22,15 @@ import re
 import pytest
 
 from streams.stack import LocalStack, http_json
-from tests.reliability.synthetic import MODEL, PacedPublisher, Plan, future_base, publish_reference, query, scalar
+from tests.reliability.synthetic import (
+    MODEL,
+    PacedPublisher,
+    Plan,
+    future_base,
+    publish_reference,
+    query,
+    scalar,
+)
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]

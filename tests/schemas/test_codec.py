@@ -9,7 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import CodecError, Limits, PredictionBatch, decode, decode_batch, encode, encode_batch
+from schemas import (
+    CodecError,
+    Limits,
+    PredictionBatch,
+    decode,
+    decode_batch,
+    encode,
+    encode_batch,
+)
 from schemas.codec import SCHEMA_IDS, matrix
 
 

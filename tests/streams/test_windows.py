@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 import streams.windows as W
-from streams.windows import ClosedWindow, Coalescer, Reservoir, WindowManager, merge_windows, window_id, window_starts
+from streams.windows import (
+    ClosedWindow,
+    Coalescer,
+    Reservoir,
+    WindowManager,
+    merge_windows,
+    window_id,
+    window_starts,
+)
 
 KEY = ("cnn", "1")
 

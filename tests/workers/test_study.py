@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from workers.study import CLEAN, COMBINED, StudyResult, format_table, layer_study, to_json, to_markdown
+from workers.study import (
+    CLEAN,
+    COMBINED,
+    StudyResult,
+    format_table,
+    layer_study,
+    to_json,
+    to_markdown,
+)
 
 LAYERS = ("stem", "layer2", "penultimate")
 PRESETS = ("pgd_small", "deepfool")

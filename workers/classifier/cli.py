@@ -32,7 +32,12 @@ from workers.classifier.dataset import (
     load_dataset,
     split_masks,
 )
-from workers.classifier.model import DEFAULT_KIND, AttackClassifier, Labels, default_path
+from workers.classifier.model import (
+    DEFAULT_KIND,
+    AttackClassifier,
+    Labels,
+    default_path,
+)
 
 
 def train(

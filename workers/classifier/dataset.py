@@ -55,6 +55,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from workers.progress import progress_bar
+
 CLEAN = "clean"
 DATASET_VERSION = 1
 DEFAULT_TEST_FRACTION = 0.3
@@ -259,7 +261,7 @@ def build_dataset(
     chunks: list[AttackDataset] = []
     counts: dict[str, dict[str, int]] = {}
     success_rates: dict[str, dict[str, float]] = {}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("attack data set", total=len(demo) * (1 + len(attacks) * len(slices)))
         for name, model in demo.items():
             clean_probs, _ = model.predict(x_pool)
@@ -315,24 +317,4 @@ def build_dataset(
     return dataset
 
 
-class _NoProgress:
-    def __enter__(self) -> "_NoProgress":
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *_a: object, **_k: object) -> int:
-        return 0
-
-    def update(self, *_a: object, **_k: object) -> None:
-        return None
-
-
-def _progress(enabled: bool):
-    """A rich Progress bar, or a no-op with the same interface."""
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -173,7 +173,11 @@ class Labels:
 
 
 def _estimator(kind: str, params: dict[str, Any], seed: int, n_jobs: int):
-    from sklearn.ensemble import ExtraTreesClassifier, HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.ensemble import (
+        ExtraTreesClassifier,
+        HistGradientBoostingClassifier,
+        RandomForestClassifier,
+    )
 
     if kind == "rf":
         return RandomForestClassifier(random_state=seed, n_jobs=n_jobs, **params)

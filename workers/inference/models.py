@@ -35,6 +35,7 @@ from torch import nn
 
 from workers.inference.data import IMAGE_SHAPE, N_CLASSES, demo_split
 from workers.inference.tap import PENULTIMATE, LayerTap
+from workers.progress import progress_bar
 
 DEFAULT_STATE_DIR = "./.layerwatch"
 
@@ -387,7 +388,7 @@ def load_demo_models(
         else:
             models[name] = cached
     if missing:
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             for name in missing:
                 task = bar.add_task(f"training {name}", total=ARCHITECTURES[name].epochs)
                 module, meta = train_model(
@@ -408,24 +409,4 @@ def load_demo_models(
     return {name: models[name] for name in names}
 
 
-class _NoProgress:
-    def __enter__(self) -> "_NoProgress":
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *_a: object, **_k: object) -> int:
-        return 0
-
-    def update(self, *_a: object, **_k: object) -> None:
-        return None
-
-
-def _progress(enabled: bool):
-    """A rich Progress (or a no-op with the same interface when disabled)."""
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

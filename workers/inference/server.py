@@ -59,7 +59,11 @@ import torch
 from aiohttp import web
 
 from schemas.codec import CodecError, decode
-from workers.inference.defences import apply_preprocess, mc_dropout_uncertainty, parse_preprocess
+from workers.inference.defences import (
+    apply_preprocess,
+    mc_dropout_uncertainty,
+    parse_preprocess,
+)
 from workers.inference.publisher import Publisher
 from workers.inference.tap import LayerTap
 

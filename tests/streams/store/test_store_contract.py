@@ -11,7 +11,13 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from streams.store import ReadonlyLimits, Store, StoreError, StoreUnavailable, open_store
+from streams.store import (
+    ReadonlyLimits,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
 from streams.store.queries import run_shipped, shipped_queries
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,19 @@ import pytest
 import torch
 
 from workers.inference.data import demo_split
-from workers.inference.defences import bit_depth_reduce, mc_dropout_uncertainty, median_blur, parse_preprocess
-from workers.inference.models import MODEL_NAMES, layer_names, load_demo_models, model_paths, weights_hash
+from workers.inference.defences import (
+    bit_depth_reduce,
+    mc_dropout_uncertainty,
+    median_blur,
+    parse_preprocess,
+)
+from workers.inference.models import (
+    MODEL_NAMES,
+    layer_names,
+    load_demo_models,
+    model_paths,
+    weights_hash,
+)
 
 
 def test_split_is_fixed_stratified_and_read_only():

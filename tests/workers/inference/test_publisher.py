@@ -77,7 +77,9 @@ def test_large_batches_are_split_below_max_message_bytes(broker, topic):
 
 
 def test_delivery_failures_are_counted_and_raised_by_flush(topic):
-    from streams.broker import EmbeddedBroker  # tests may use streams/; workers/ may not
+    from streams.broker import (
+        EmbeddedBroker,  # tests may use streams/; workers/ may not
+    )
 
     own = EmbeddedBroker().start()
     try:

@@ -9,7 +9,12 @@ from torch import nn
 
 from workers.inference.data import demo_split
 from workers.inference.models import MODEL_NAMES, layer_names
-from workers.inference.tap import PENULTIMATE, LayerTap, execution_order, find_last_linear
+from workers.inference.tap import (
+    PENULTIMATE,
+    LayerTap,
+    execution_order,
+    find_last_linear,
+)
 
 EXPECTED_DIMS = {
     "cnn": {"penultimate": 64, "block1": 16, "block2": 32, "block3": 64},

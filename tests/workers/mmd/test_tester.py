@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from tests.workers.mmd import _brute as bf
-from workers.mmd import LADIS_MULTIPLIERS, DetectionRateResult, MMDTester, ScoresResult, TestResult
+from workers.mmd import (
+    LADIS_MULTIPLIERS,
+    DetectionRateResult,
+    MMDTester,
+    ScoresResult,
+    TestResult,
+)
 
 
 @pytest.fixture
