@@ -24,8 +24,9 @@ database on one Debian clickhouse-server started for the whole benchmark), then:
    worker's ``/api/query`` is polled for ``count()``; then ``min``/``max(ingested_ms)`` of
    the backlog's rows give the interval. The rows of the first ingest step
    (``ingested_ms = min``) mark the first consume, so the rate is
-   ``(rows - first step rows) / (max - min)``; ``steady_per_s`` is the rate over the last
-   90 % of the rows. Worker CPU (utime + stime from ``/proc/PID/stat``, sampled every
+   ``(rows - last step rows) / (max - min)`` (rows are stamped when their step builds
+   them, so every step but the last was done within the interval); ``steady_per_s`` is
+   the rate between the 10th and 90th percentile of ``ingested_ms`` (no start-up or tail). Worker CPU (utime + stime from ``/proc/PID/stat``, sampled every
    50 ms) is interpolated at the same two instants;
 4. reads all records with a plain ``AIOKafkaConsumer`` (manual assign, from the beginning
    to the end offsets, ``max_partition_fetch_bytes`` as the worker's, no decoding): the
@@ -79,6 +80,7 @@ from rich.table import Table  # noqa: E402
 
 from schemas import PredictionBatch, encode_batch  # noqa: E402
 from streams.broker import free_port  # noqa: E402
+from streams.app import parse_agents  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.stack import Child, LocalStack, http_json, wait_for  # noqa: E402
 
@@ -125,11 +127,11 @@ class Workload:
         probs /= probs.sum(axis=1, keepdims=True)
         return emb.astype(np.float16), probs.astype(np.float32), probs.argmax(axis=1).astype(np.int32)
 
-    def reference(self, n: int, tag: str) -> PredictionBatch:
+    def reference(self, n: int, tag: str, ts_ms: int) -> PredictionBatch:
         emb, probs, predicted = self._sample(np.random.default_rng(self.seed + 1), n, self.means[0], None)
         return PredictionBatch.build(MODEL, [f"{tag}-ref-{i:06d}" for i in range(n)], outputs=probs,
                                      layers={LAYER: emb}, role="reference", predicted=predicted,
-                                     ts_ms=np.full(n, int(time.time() * 1000), np.int64))
+                                     ts_ms=np.full(n, ts_ms, np.int64))
 
     def live(self, index: int, tag: str, ts_ms: int) -> bytes:
         emb, probs, predicted = self.pool[index % len(self.pool)]
@@ -346,7 +348,7 @@ def warmup_records(opts: Options, work: Workload, tag: str, base_ms: int) -> tup
     event time before the backlog: the second closes the first's windows, so the worker loads the
     reference, imports the MMD engine and runs a test (and loads the classifier) before the clock starts."""
     per_part = max(1, opts.reference // opts.partitions)
-    ref = work.reference(per_part * opts.partitions, tag)
+    ref = work.reference(per_part * opts.partitions, tag, base_ms - 60_000)
     records = [(encode_batch(ref.slice(p * per_part, (p + 1) * per_part)), p) for p in range(opts.partitions)]
     for k, ago in enumerate((40_000, 20_000)):
         for p in range(opts.partitions):
@@ -422,17 +424,23 @@ def wait_warm(url: str, opts: Options, children: list[Child], timeout: float = 1
             c.check()
         state = {"drift_windows": int(query(url, "SELECT count() FROM drift_windows")[0][0]),
                  "attack_labels": int(query(url, "SELECT count() FROM attack_labels")[0][0])}
-        if state["drift_windows"] > 0 and (opts.classifier is None or state["attack_labels"] > 0):
+        classify = opts.classifier is not None and parse_agents(opts.env.get("LW_AGENTS", "all"))
+        if state["drift_windows"] > 0 and (not classify or "classify" not in classify or state["attack_labels"] > 0):
             return state
         time.sleep(0.5)
     console.print(f"[yellow]warm-up incomplete after {timeout:.0f} s: {state}[/]")
     return state
 
 
+def opts_extra_pyspy() -> list[str]:
+    """Extra py-spy record flags from LW_BENCH_PYSPY (e.g. "--idle" or "--gil")."""
+    return os.environ.get("LW_BENCH_PYSPY", "").split()
+
+
 def start_profiler(pid: int, out: Path) -> subprocess.Popen:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return subprocess.Popen([py_spy, "record", "-p", str(pid), "-o", str(out), "--format", "raw", "-r", "97",
-                             "--threads", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--threads", "--nonblocking", *opts_extra_pyspy()], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 def summarize_profile(path: Path, top: int = 25) -> list[tuple[str, float]]:
@@ -528,21 +536,26 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
                 except subprocess.TimeoutExpired:
                     p.kill()
         result["publish"] = pub
-        count, first, last, q10 = (int(v) for v in query(
-            url, "SELECT count(), min(ingested_ms), max(ingested_ms), quantileExact(0.1)(ingested_ms) "
-                 "FROM predictions WHERE ts_ms >= {base}", {"base": base})[0])
-        result["steady_per_s"] = 0.9 * count / ((last - q10) / 1000) if last > q10 else float("nan")
-        n_first = int(query(url, "SELECT count() FROM predictions WHERE ingested_ms = {t} AND ts_ms >= {base}",
-                            {"t": first, "base": base})[0][0])
+        count, first, last, q10, q90 = (int(v) for v in query(
+            url, "SELECT count(), min(ingested_ms), max(ingested_ms), quantileExact(0.1)(ingested_ms), "
+                 "quantileExact(0.9)(ingested_ms) FROM predictions WHERE ts_ms >= {base}", {"base": base})[0])
+        result["steady_per_s"] = 0.8 * count / ((q90 - q10) / 1000) if q90 > q10 else float("nan")
+        steps = query(url, "SELECT ingested_ms, count() FROM predictions WHERE ts_ms >= {base} "
+                           "GROUP BY ingested_ms ORDER BY ingested_ms", {"base": base})
+        result["steps"] = [[int(t) - first, int(n)] for t, n in steps]  # ms after the first step, rows
+        # rows are stamped when their ingest step builds them: the rows of every step but the last
+        # were done in (last - first)
+        n_last = int(query(url, "SELECT count() FROM predictions WHERE ingested_ms = {t} AND ts_ms >= {base}",
+                           {"t": last, "base": base})[0][0])
         seconds = (last - first) / 1000
-        rate = (count - n_first) / seconds if seconds > 0 else float("nan")
+        rate = (count - n_last) / seconds if seconds > 0 else float("nan")
         bytes_per_prediction = pub["bytes"] / pub["predictions"]
         names = [c.name for c in children]
         cpu = sampler.between(first / 1000, last / 1000, names)
         result.update(
-            rows=count, first_step_rows=n_first, seconds=seconds, predictions_per_s=rate,
+            rows=count, last_step_rows=n_last, seconds=seconds, predictions_per_s=rate,
             mb_per_s=rate * bytes_per_prediction / 1e6,
-            cpu_s=cpu, cpu_s_per_1k=1000 * cpu / max(1, count - n_first),
+            cpu_s=cpu, cpu_s_per_1k=1000 * cpu / max(1, count - n_last),
             cpu_cores=cpu / seconds if seconds > 0 else float("nan"),
             other_cpu_s={n: sampler.between(first / 1000, last / 1000, [n]) for n in pids if n not in names},
             per_worker_events={c.name: events_total(u) for c, u in workers},

@@ -30,8 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from schemas import PredictionBatch, encode_batch  # noqa: E402
-from streams.stack import LocalStack, http_json  # noqa: E402
+from schemas import PredictionBatch, encode_batch
+from streams.stack import LocalStack, http_json
 
 MODEL = "soak"
 

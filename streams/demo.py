@@ -34,6 +34,7 @@ DEFAULT_PHASES = "clean:16,pgd@cnn:12,clean:16,fgsm@resnet:12"
 DEFAULT_RATE = 150.0
 WINDOW_S, STEP_S = 4.0, 2.0
 PENULTIMATE = "penultimate"
+DEMO_CLASSIFIER_ATTACKS = ("fgsm", "fgm", "pgd", "pgd_small", "pgd_l2", "deepfool")
 
 
 def publish_round_trip(bootstrap: str, topic: str, n_batches: int = 10, batch_size: int = 64, seed: int = 0) -> list[str]:
@@ -119,8 +120,9 @@ def _prepare(state_dir: Path, phases: str) -> None:
     from workers.classifier.cli import default_path, train
 
     if not default_path(state_dir).exists():
-        console.print("training the attack classifier (first run only)")
-        train(state_dir, progress=True)
+        console.print("training the attack classifier on the fast attacks (first run only; "
+                      "`layerwatch classifier train` trains on all presets)")
+        train(state_dir, progress=True, attacks=DEMO_CLASSIFIER_ATTACKS)
 
 
 def _live_view(state: DemoState) -> Group:

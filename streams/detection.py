@@ -357,6 +357,8 @@ def install(app: faust.App, runtime: Any) -> None:
         topics = app.topic(runtime.topics["drift"].get_topic_name(), runtime.topics["labels"].get_topic_name(),
                            key_serializer="raw", value_serializer="raw")
 
+        tally = LabelTally(step_ms=int(runtime.settings.window_size_s * 1000))
+
         @app.agent(topics, name="layerwatch.alerts")
         async def alerts(stream: faust.StreamT) -> None:
             async for value in stream:
@@ -371,18 +373,56 @@ def install(app: faust.App, runtime: Any) -> None:
                     await hub.publish(hub.rules.on_drift(record["model_id"], record["window_id"],
                                                          record["window_end_ms"], record["detection_rate"], top))
                 elif name == "AttackLabels":
-                    await hub.publish(label_alerts(hub.rules, record))
+                    for verdict in tally.add(record):
+                        await hub.publish(hub.rules.on_labels(*verdict))
 
     from streams import recovery
 
     recovery.install(app, runtime)
 
 
-def label_alerts(rules: AlertRules, record: dict[str, Any]) -> list[AlertEvent]:
-    """The attack_classified rule applied to one AttackLabels record (a micro-batch's verdicts)."""
-    p = np.asarray(record["p_adversarial"], dtype=np.float32)
-    adversarial = p >= 0.5
-    ids = np.asarray(record["event_ids"], dtype=object)
-    top = ids[np.argsort(-p)[:20]].tolist()
-    end = max(record["ts_ms"]) if record["ts_ms"] else now_ms()
-    return rules.on_labels(record["model_id"], int(end), int(p.size), int(adversarial.sum()), top)
+class LabelTally:
+    """Classifier verdicts counted per model and time bucket, so attack_classified judges whole buckets.
+
+    One AttackLabels record covers one micro-batch; judging each alone makes the alert flap.
+    A bucket (``step_ms`` of event time) is judged once, when an event of a later bucket arrives.
+
+    Example:
+        >>> tally = LabelTally(step_ms=1000)
+        >>> rec = lambda ts, p: {"model_id": "m", "ts_ms": ts, "p_adversarial": p, "event_ids": [str(t) for t in ts]}
+        >>> tally.add(rec([100, 200], [0.9, 0.1]))
+        []
+        >>> [(m, end, n, adv) for m, end, n, adv, _ in tally.add(rec([1100], [0.9]))]
+        [('m', 1000, 2, 1)]
+    """
+
+    def __init__(self, step_ms: int, top: int = 20):
+        self.step_ms, self.top = step_ms, top
+        self.open: dict[str, tuple[int, int, int, list[tuple[float, str]]]] = {}  # model -> bucket, n, n_adv, top
+
+    def add(self, record: dict[str, Any]) -> list[tuple[str, int, int, int, list[str]]]:
+        model = record["model_id"]
+        ts = np.asarray(record["ts_ms"], dtype=np.int64)
+        if ts.size == 0:
+            return []
+        p = np.asarray(record["p_adversarial"], dtype=np.float32)
+        ids = np.asarray(record["event_ids"], dtype=object)
+        buckets = ts // self.step_ms
+        verdicts = []
+        for bucket in np.unique(buckets):
+            mask = buckets == bucket
+            current = self.open.get(model)
+            if current is not None and bucket < current[0]:
+                bucket = current[0]  # late events count in the open bucket
+            if current is not None and bucket > current[0]:
+                verdicts.append(self._verdict(model, current))
+                current = None
+            b, n, adv, best = current or (int(bucket), 0, 0, [])
+            order = np.argsort(-p[mask])[: self.top]
+            best = sorted(best + list(zip(p[mask][order].tolist(), ids[mask][order].tolist())), reverse=True)[: self.top]
+            self.open[model] = (b, n + int(mask.sum()), adv + int((p[mask] >= 0.5).sum()), best)
+        return verdicts
+
+    def _verdict(self, model: str, state: tuple[int, int, int, list]) -> tuple[str, int, int, int, list[str]]:
+        bucket, n, adv, best = state
+        return model, int((bucket + 1) * self.step_ms), n, adv, [event for _, event in best]

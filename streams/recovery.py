@@ -43,8 +43,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,7 @@ async def start_offset(consumer: Any, tp: Any, target_ts: int, lo: int, hi: int)
     while left < right:
         mid = (left + right) // 2
         found = await _read_one(consumer, tp, mid)
-        if found is None or found[0] >= hi:
-            right = mid
-        elif found[1] >= target_ts:
+        if found is None or found[0] >= hi or found[1] >= target_ts:
             right = mid
         else:
             left = found[0] + 1
@@ -175,20 +174,24 @@ class Recovery:
         new = mine - self.assigned
         self.assigned = mine
         restore_alerts = self.hub is not None and not self.alerts_restored
-        if not new and not restore_alerts:
+        if (not new or self.drift is None) and not restore_alerts:
             return
         if self.drift is not None and new:
             self.drift.ready.clear()  # closed before any record of the new partitions reaches the stage
         if restore_alerts:
             self.alerts_restored = True
             self.hub.ready.clear()
-        try:  # the offsets are read now, while Faust keeps the partitions paused
+        async def offsets_now() -> tuple[list[Any], dict[Any, int | None]]:
             alert_tps = await self._alert_partitions() if restore_alerts else []
-            offsets = await asyncio.wait_for(
-                committed_offsets(self.settings, self.settings.app_id, [*(new if self.drift else ()), *alert_tps]), 15)
+            tps = [*(new if self.drift else ()), *alert_tps]
+            return alert_tps, await committed_offsets(self.settings, self.settings.app_id, tps)
+
+        try:  # the offsets are read now, while Faust keeps the partitions paused
+            alert_tps, offsets = await asyncio.wait_for(offsets_now(), 15)
         except Exception as exc:  # noqa: BLE001 - never block the worker on a rebuild
-            log.warning("window recovery skipped: cannot read the committed offsets: %s", exc)
-            self._open_gates()
+            log.warning("window recovery skipped: cannot read the committed offsets: %r", exc)
+            if not self.tasks:
+                self._open_gates()
             return
         task = asyncio.get_running_loop().create_task(
             self._run({tp: offsets.get(tp) for tp in new} if self.drift else {},
@@ -234,9 +237,9 @@ class Recovery:
         started = time.perf_counter()
         try:
             await asyncio.wait_for(self._rebuild(windows_from, alerts_from, stats), RECOVERY_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             stats.error = f"timed out after {RECOVERY_TIMEOUT_S:.0f} s"
-        except Exception as exc:  # noqa: BLE001 - logged; the stages go on with what they have
+        except Exception as exc:
             stats.error = f"{type(exc).__name__}: {exc}"
             log.debug("window recovery failed", exc_info=True)
         stats.seconds = time.perf_counter() - started

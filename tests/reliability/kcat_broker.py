@@ -46,7 +46,7 @@ class KcatCompatibleBroker:
         self._server: socket.socket | None = None
         self._stop = threading.Event()
 
-    def __enter__(self) -> "KcatCompatibleBroker":
+    def __enter__(self) -> KcatCompatibleBroker:
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._server.settimeout(0.5)
         threading.Thread(target=self._accept, daemon=True).start()
@@ -79,7 +79,7 @@ class KcatCompatibleBroker:
         while not self._stop.is_set():
             try:
                 client, _ = self._server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -115,7 +115,7 @@ class PacedPublisher:
         self._thread = threading.Thread(target=self._run, name="paced-publisher", daemon=True)
         self._done = threading.Event()
 
-    def start(self) -> "PacedPublisher":
+    def start(self) -> PacedPublisher:
         self._thread.start()
         return self
 

@@ -1,10 +1,12 @@
 """SIGKILL the worker in the middle of a stream, restart it: every event, window and alert exactly once.
 
-The stream (tests/reliability/synthetic.py) runs 30 s of event time at 50 events/s in
-batches of 10, clean / shifted / clean, with 4 s windows every 2 s. The worker is killed
-with SIGKILL once the distribution-shift alert is open (rows landed, windows open,
-offsets committed a moment ago), restarted on the same chDB path and consumer group,
-and the stream finishes. Then:
+The stream (tests/reliability/synthetic.py) carries 30 s of event time (50 events/s in
+batches of 10, published at twice real time), clean / shifted / clean, with 4 s windows
+every 2 s. The worker is killed with SIGKILL once the distribution-shift alert is open
+(rows landed, windows open, offsets committed a moment ago); the publisher goes on, as
+inference servers would, so a backlog builds while the worker is down (Tansu holds the
+dead member's partitions until its session times out); the worker is restarted on the
+same chDB path and consumer group, and the stream finishes. Then:
 
 - `predictions`: every event once (FINAL count == uniqExact == events sent);
 - `drift_windows`: each planned window exactly once — on its own or inside one
@@ -69,6 +71,7 @@ def test_sigkill_mid_stream_then_restart_keeps_everything_exactly_once(broker, c
                    timeout=60, message="the shift alert to open before the crash")
         landed_before = scalar(url, "SELECT uniqExact(event_id) FROM predictions WHERE model_id = {m}", m=MODEL)
         windows_before = len(_combined_windows(url))
+        consumed_before = _records_consumed(url)
         worker.kill()  # SIGKILL, mid-stream; the publisher goes on, as inference servers would
         sent_at_crash = publisher.sent
         assert 0 < landed_before - len(reference) < plan.n_events
@@ -95,6 +98,8 @@ def test_sigkill_mid_stream_then_restart_keeps_everything_exactly_once(broker, c
         assert scalar(url, "SELECT count() FROM predictions FINAL") == total
         assert scalar(url, "SELECT uniqExact(event_id) FROM predictions") == total
         raw_rows = scalar(url, "SELECT count() FROM predictions")
+        n_records = 4 + plan.n_batches + 1  # reference, stream, closer
+        replayed = consumed_before + _records_consumed(url) - n_records  # at least this many were consumed twice
 
         # -- windows: every planned window exactly once, alone or inside one coalesced window
         rows = _combined_windows(url)
@@ -125,8 +130,16 @@ def test_sigkill_mid_stream_then_restart_keeps_everything_exactly_once(broker, c
         print(f"\ncrash test: sent {total} events ({sent_at_crash} of {plan.n_batches} batches before the kill), "
               f"{landed_before} landed before it, {windows_before} windows tested before it; after: "
               f"{scalar(url, 'SELECT count() FROM predictions FINAL')} rows FINAL ({raw_rows} raw rows), "
-              f"{len(rows)} windows ({len(singles)} single), rebuild {rebuilt[-1]}, alerts {alerts}, "
-              f"closer {stack_producer_ids}")
+              f"{len(rows)} windows ({len(singles)} single), {replayed} records replayed (at least), "
+              f"rebuild {rebuilt[-1]}, alerts {alerts}, closer {stack_producer_ids}")
+
+
+def _records_consumed(url: str) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return int(sum(float(v) for v in re.findall(r'^layerwatch_records_total\{[^}]*predictions"\} (\S+)$', text, re.MULTILINE)))
 
 
 def publish_closer(bootstrap: str, topic: str, closer: Plan) -> int:
