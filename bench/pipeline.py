@@ -26,8 +26,10 @@ database on one Debian clickhouse-server started for the whole benchmark), then:
    (``ingested_ms = min``) mark the first consume, so the rate is
    ``(rows - last step rows) / (max - min)`` (rows are stamped when their step builds
    them, so every step but the last was done within the interval); ``steady_per_s`` is
-   the rate between the 10th and 90th percentile of ``ingested_ms`` (no start-up or tail). Worker CPU (utime + stime from ``/proc/PID/stat``, sampled every
-   50 ms) is interpolated at the same two instants;
+   the rate between the 10th and 90th percentile of ``ingested_ms`` (no start-up or tail);
+   ``drain_per_s`` is all rows over the time from the first step to the poll (every
+   0.2 s) that saw the last row. Worker CPU (utime + stime from ``/proc/PID/stat``,
+   sampled every 50 ms) is taken over that drain and divided by all rows;
 4. reads all records with a plain ``AIOKafkaConsumer`` (manual assign, from the beginning
    to the end offsets, ``max_partition_fetch_bytes`` as the worker's, no decoding): the
    consume ceiling of this machine;
@@ -390,8 +392,8 @@ def start_workers(stack: LocalStack, opts: Options, env: dict[str, str]) -> list
         child = stack.spawn(f"worker{w}", ["worker"], LW_WEB_PORT=str(port), **env)
         spawned.append((child, f"http://127.0.0.1:{port}"))
     for child, url in spawned:
-        wait_for(lambda: http_json(f"{url}/health", timeout=1.0)[0] in (200, 503), 120, f"{child.name} /health",
-                 alive=child.check)
+        wait_for(lambda url=url: http_json(f"{url}/health", timeout=1.0)[0] in (200, 503), 120,
+                 f"{child.name} /health", alive=child.check)
     return spawned
 
 
@@ -410,8 +412,8 @@ def wait_rows(url: str, expected: int, children: list[Child], label: str, timeou
             rate = f"{n / max(1e-3, (int(row[2]) - int(row[1])) / 1000):,.0f}/s" if n else ""
             progress.update(task, completed=n, rate=rate)
             if n >= expected:
-                return row
-            time.sleep(0.5)
+                return [*row, time.time()]
+            time.sleep(0.2)
     raise RuntimeError(f"{label}: {row[0]} of {expected} rows after {timeout:.0f} s")
 
 
@@ -440,7 +442,8 @@ def opts_extra_pyspy() -> list[str]:
 def start_profiler(pid: int, out: Path) -> subprocess.Popen:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return subprocess.Popen([py_spy, "record", "-p", str(pid), "-o", str(out), "--format", "raw", "-r", "97",
-                             "--threads", "--nonblocking", *opts_extra_pyspy()], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--threads", "--nonblocking", *opts_extra_pyspy()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 def summarize_profile(path: Path, top: int = 25) -> list[tuple[str, float]]:
@@ -526,7 +529,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
                           f"{pub['bytes'] / 1e6:,.0f} MB in {pub['seconds']:.1f} s with the worker(s) stopped[/]{note}")
             del backlog
             expected = n_warm + pub["predictions"]
-            wait_rows(url, expected, children, "draining backlog", timeout=max(300, expected / 500))
+            done_at = wait_rows(url, expected, children, "draining backlog", timeout=max(300, expected / 500))[-1]
         finally:
             for p, _ in profilers:
                 p.send_signal(signal.SIGINT)
@@ -551,20 +554,23 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         rate = (count - n_last) / seconds if seconds > 0 else float("nan")
         bytes_per_prediction = pub["bytes"] / pub["predictions"]
         names = [c.name for c in children]
-        cpu = sampler.between(first / 1000, last / 1000, names)
+        # CPU over the whole drain: from the first step to the moment every row was visible (polled
+        # every 0.2 s), over all rows; the last step's work is in it
+        drain = done_at - first / 1000
+        cpu = sampler.between(first / 1000, done_at, names)
         result.update(
             rows=count, last_step_rows=n_last, seconds=seconds, predictions_per_s=rate,
-            mb_per_s=rate * bytes_per_prediction / 1e6,
-            cpu_s=cpu, cpu_s_per_1k=1000 * cpu / max(1, count - n_last),
-            cpu_cores=cpu / seconds if seconds > 0 else float("nan"),
-            other_cpu_s={n: sampler.between(first / 1000, last / 1000, [n]) for n in pids if n not in names},
+            mb_per_s=rate * bytes_per_prediction / 1e6, drain_s=drain, drain_per_s=count / drain,
+            cpu_s=cpu, cpu_s_per_1k=1000 * cpu / count, cpu_cores=cpu / drain,
+            other_cpu_s={n: sampler.between(first / 1000, done_at, [n]) for n in pids if n not in names},
             per_worker_events={c.name: events_total(u) for c, u in workers},
         )
         time.sleep(1.0)  # let the windows close before the ceiling run (they close on the wall clock)
         raw = asyncio.run(raw_consume(bootstrap, topic, opts.fetch_bytes))
         result["ceiling"] = raw
         all_predictions = n_warm + pub["predictions"]
-        result["ceiling_per_s"] = all_predictions / raw["seconds"] if raw["records"] >= len(warm) + pub["records"] else float("nan")
+        complete = raw["records"] >= len(warm) + pub["records"]
+        result["ceiling_per_s"] = all_predictions / raw["seconds"] if complete else float("nan")
         result["ceiling_mb_per_s"] = raw["bytes"] / raw["seconds"] / 1e6
         result["ratio"] = rate / result["ceiling_per_s"]
         # paced run: 50 % of the measured rate, ts_ms = publish time
@@ -608,13 +614,15 @@ def report(opts: Options, runs: list[dict]) -> dict[str, Any]:
     table = Table(title=f"pipeline: {opts.predictions:,} predictions, batch {opts.batch}, "
                         f"{opts.workers} worker(s), store {opts.store}")
     cols = [("repeat", None), ("pred/s", "predictions_per_s"), ("MB/s", "mb_per_s"), ("ceiling/s", "ceiling_per_s"),
-            ("ratio", "ratio"), ("steady/s", "steady_per_s"), ("cpu s/1k", "cpu_s_per_1k"), ("cores", "cpu_cores"), ("p50 s", "p50_latency_s"),
+            ("ratio", "ratio"), ("steady/s", "steady_per_s"), ("drain/s", "drain_per_s"),
+            ("cpu s/1k", "cpu_s_per_1k"), ("cores", "cpu_cores"), ("p50 s", "p50_latency_s"),
             ("p99 s", "p99_latency_s"), ("windows", "drift_windows"), ("load", "load_before")]
     for name, _ in cols:
         table.add_column(name, justify="right")
-    fmt = {"predictions_per_s": "{:,.0f}", "steady_per_s": "{:,.0f}", "ceiling_per_s": "{:,.0f}", "mb_per_s": "{:,.1f}", "ratio": "{:.2f}",
-           "cpu_s_per_1k": "{:.3f}", "cpu_cores": "{:.2f}", "p50_latency_s": "{:.2f}", "p99_latency_s": "{:.2f}",
-           "drift_windows": "{:.0f}", "load_before": "{:.1f}"}
+    fmt = {"predictions_per_s": "{:,.0f}", "steady_per_s": "{:,.0f}", "drain_per_s": "{:,.0f}",
+           "ceiling_per_s": "{:,.0f}", "mb_per_s": "{:,.1f}", "ratio": "{:.2f}", "cpu_s_per_1k": "{:.3f}",
+           "cpu_cores": "{:.2f}", "p50_latency_s": "{:.2f}", "p99_latency_s": "{:.2f}", "drift_windows": "{:.0f}",
+           "load_before": "{:.1f}"}
     for r in runs:
         table.add_row(str(r["repeat"]), *[fmt[k].format(r[k]) for _, k in cols[1:]])
     summary = {k: median(runs, k) for _, k in cols[1:]}
@@ -628,6 +636,8 @@ def report(opts: Options, runs: list[dict]) -> dict[str, Any]:
         "p99_latency_s": summary["p99_latency_s"],
         "workers": opts.workers,
         "mb_per_s": summary["mb_per_s"],
+        "steady_per_s": summary["steady_per_s"],
+        "drain_per_s": summary["drain_per_s"],
         "cpu_s_per_1k": summary["cpu_s_per_1k"],
         "store": opts.store,
         "predictions": opts.predictions,
@@ -637,6 +647,7 @@ def report(opts: Options, runs: list[dict]) -> dict[str, Any]:
         "repeats": opts.repeats,
         "env": opts.env,
         "cores": os.cpu_count(),
+        "load_before": [r["load_before"] for r in runs],
         "runs": runs,
     }
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -116,6 +118,14 @@ def decode(data: bytes, *, expect: str | None = None, limits: Limits = DEFAULT_L
         raise CodecError("header", f"unknown schema id {schema_id}")
     if expect is not None and name != expect:
         raise CodecError("header", f"schema {name} where {expect} was expected")
+    shared = name != "PredictionBatch" and isinstance(data, bytes) and len(data) <= _RECENT_MAX_BYTES
+    if shared:
+        with _recent_lock:
+            hit = _recent.get(data)
+            if hit is not None:
+                _recent.move_to_end(data)
+        if hit is not None:
+            return name, _fresh(hit)
     body = io.BytesIO(memoryview(data)[HEADER.size :])
     try:
         record = fastavro.schemaless_reader(body, parsed_schema(name))
@@ -123,7 +133,33 @@ def decode(data: bytes, *, expect: str | None = None, limits: Limits = DEFAULT_L
         raise CodecError("record", f"malformed Avro body: {type(exc).__name__}: {exc}"[:300]) from exc
     if body.tell() != len(data) - HEADER.size:
         raise CodecError("record", f"{len(data) - HEADER.size - body.tell()} trailing bytes after the Avro body")
+    if shared:
+        with _recent_lock:
+            _recent[data] = record
+            if len(_recent) > _RECENT_SIZE:
+                _recent.popitem(last=False)
+        return name, _fresh(record)
     return name, record
+
+
+# Result events (AttackLabels, DriftResult, ...) are read by two agents of one worker (the alerts
+# agent and the results sink both subscribe to lw.labels and lw.drift), and an AttackLabels record
+# holds seven per-event arrays: decoding it is ~1.2 ms per 1024 events, the same bytes twice. The
+# last few decoded payloads are kept (keyed by the bytes; the hash is cached in the bytes object)
+# and every caller gets its own copy of the containers, so one caller's edits never reach another.
+_RECENT_SIZE = 128
+_RECENT_MAX_BYTES = 256 * 1024
+_recent: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+_recent_lock = threading.Lock()
+
+
+def _fresh(value: Any) -> Any:
+    """A copy of a decoded record's dicts and lists (scalars, strings and bytes are immutable, shared)."""
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fresh(v) for v in value] if value and isinstance(value[0], (dict, list)) else list(value)
+    return value
 
 
 # --- matrices -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ the loop body finished with them, so a crash replays them; idempotent tables
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
@@ -165,8 +166,18 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
                 await runtime.writer.write("predictions", R.prediction_rows(good))
                 await runtime.writer.write("predictions_inputs", R.input_rows(live))
                 await runtime.writer.write("reference_embeddings", R.reference_rows(reference))
-            for stage in runtime.stages:
-                await stage.handle(good)
+            await _run_stages(runtime.stages, good)
+
+
+async def _run_stages(stages: Sequence[Stage], good: Sequence[R.Delivered]) -> None:
+    """Hand the decoded batches to every stage at once, after the sink wrote them (the drift stage
+    reads the reference back from the store): while the classifier works in its thread, probing
+    and the windows run on the loop. Returns when all are done (the records are acked after
+    that); the first failure is raised then."""
+    results = await asyncio.gather(*(stage.handle(good) for stage in stages), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def result_rows(records: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

@@ -298,6 +298,7 @@ class ProbingStage:
     def __init__(self, runtime: Any, hub: AlertHub):
         self.runtime, self.hub = runtime, hub
         self.detectors: dict[str, ProbingDetector] = {}
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-probing")
 
     def detector(self, model_id: str) -> ProbingDetector:
         """One detector per model: embeddings of different models are not comparable."""
@@ -309,18 +310,25 @@ class ProbingStage:
 
     async def handle(self, items: Sequence[Delivered]) -> None:
         s = self.runtime.settings
-        for d in items:
-            b = d.batch
-            if b.role != "live" or PENULTIMATE not in b.layers:
-                continue
-            for hit in self.detector(b.model_id).update(b.client_ids, b.ts_ms, b.layers[PENULTIMATE]):
-                events = self.hub.rules.on_probing(b.model_id, hit.client_id, int(hit.ts_ms), int(hit.count))
-                await self.hub.publish(events)
-                action = {"client_id": hit.client_id, "action": "throttle", "model_id": b.model_id,
-                          "until_ms": now_ms() + int(s.probing_throttle_s * 1000),
-                          "reason": f"probing: {hit.count} near-identical queries in {s.probing_window_s:.0f} s"}
-                self.runtime.metrics.actions.labels("throttle").inc()
-                await self.runtime.topics["actions"].send(key=hit.client_id.encode(), value=encode("Action", action))
+        batches = [d.batch for d in items if d.batch.role == "live" and PENULTIMATE in d.batch.layers]
+        if not batches:
+            return
+        # in its own thread: the products and conversions release the GIL, so the loop (the alerts
+        # agent, the results sink, Kafka) and the classifier's thread go on meanwhile
+        found = await asyncio.get_running_loop().run_in_executor(self.executor, self._update, batches)
+        for model_id, hit in found:
+            events = self.hub.rules.on_probing(model_id, hit.client_id, int(hit.ts_ms), int(hit.count))
+            await self.hub.publish(events)
+            action = {"client_id": hit.client_id, "action": "throttle", "model_id": model_id,
+                      "until_ms": now_ms() + int(s.probing_throttle_s * 1000),
+                      "reason": f"probing: {hit.count} near-identical queries in {s.probing_window_s:.0f} s"}
+            self.runtime.metrics.actions.labels("throttle").inc()
+            await self.runtime.topics["actions"].send(key=hit.client_id.encode(), value=encode("Action", action))
+
+    def _update(self, batches: Sequence[Any]) -> list[tuple[str, Any]]:
+        """(model id, hit) of the batches, in order (runs in the probing thread, one call at a time)."""
+        return [(b.model_id, hit) for b in batches
+                for hit in self.detector(b.model_id).update(b.client_ids, b.ts_ms, b.layers[PENULTIMATE])]
 
 
 def install(app: faust.App, runtime: Any) -> None:

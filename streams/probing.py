@@ -4,7 +4,7 @@ An attacker crafting an adversarial example (or extracting a model) sends bursts
 near-duplicate inputs: one base input plus small perturbations. Their penultimate-layer
 embeddings are then nearly parallel, while normal clients send unrelated inputs and a
 client simply retrying sends *exact* repeats. So, per client, a small ring buffer (the
-sketch) keeps its last ``sketch_size`` L2-normalised embeddings with their timestamps; each
+sketch) keeps its last ``sketch_size`` embeddings (float16, L2-normalised when read) with their timestamps; each
 new embedding counts the recent entries (within ``window_s``) whose cosine similarity is in
 ``[similarity, identical)``; a client whose count reaches ``min_queries`` is flagged once,
 until it goes quiet (no near-duplicate for ``window_s``) or :meth:`ProbingDetector.clear`.
@@ -12,8 +12,9 @@ until it goes quiet (no near-duplicate for ``window_s``) or :meth:`ProbingDetect
 Pure and bounded: no I/O, memory ``max_clients * sketch_size * dim`` float16 values at most
 (least-recently-seen clients are evicted). One detector serves one model (embeddings of
 different models are not comparable). Vectorised: the batch is grouped by client with
-``np.unique(..., return_inverse=True)``; per client, one matrix product against its sketch
-plus the within-batch Gram matrix, in chunks of ``sketch_size`` rows.
+``np.unique(..., return_inverse=True)`` and gathered once in client order; per client and
+chunk of ``sketch_size`` rows, one matrix product against the rows before it (the sketch,
+or the previous chunk) and its own earlier rows. The products run with one BLAS thread.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class ProbingHit:
 
 @dataclass
 class _Client:
-    emb: np.ndarray  # (sketch_size, dim) float16, L2-normalised rows
+    emb: np.ndarray  # (sketch_size, dim) float16 rows (renormalised when read)
     ts: np.ndarray  # (sketch_size,) int64, _NEVER for empty slots
     pos: int = 0  # next slot to overwrite
     flagged: bool = False
@@ -149,8 +150,12 @@ class ProbingDetector:
         bounds = np.concatenate([[0], np.cumsum(np.bincount(inv, minlength=uniq.size))])
         # one gather in client order (in the input dtype, float16 is half the bytes), one conversion,
         # then L2-normalised in place: no per-client copies of the batch
-        emb = raw[order].astype(np.float32)
+        grouped = raw[order]
+        emb = grouped.astype(np.float32)
         emb *= (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", emb, emb)), 1e-12))[:, None]
+        # the sketch keeps float16 rows and renormalises what it reads: float16 input rows go in as they
+        # came (no float32 -> float16 conversion), anything else normalised first (no float16 overflow)
+        keep = grouped if grouped.dtype == np.float16 else emb
         ts = ts[order]
         hits: list[ProbingHit] = []
         with _one_blas_thread():
@@ -158,7 +163,7 @@ class ProbingDetector:
                 if cid == "":
                     continue
                 lo, hi = int(bounds[g]), int(bounds[g + 1])
-                hit = self._update_client(cid, ts[lo:hi], emb[lo:hi])
+                hit = self._update_client(cid, ts[lo:hi], emb[lo:hi], keep[lo:hi])
                 if hit is not None:
                     hits.append(hit)
         while len(self._clients) > self.max_clients:
@@ -178,7 +183,7 @@ class ProbingDetector:
         """Similar enough to be a perturbation of the same input, yet not an exact repeat."""
         return (sim >= self.similarity) & (sim < self.identical)
 
-    def _update_client(self, cid: str, ts: np.ndarray, emb: np.ndarray) -> ProbingHit | None:
+    def _update_client(self, cid: str, ts: np.ndarray, emb: np.ndarray, keep: np.ndarray) -> ProbingHit | None:
         """Score one client's rows (time order, L2-normalised float32) against its sketch and each other.
 
         Rows go in chunks of ``sketch_size``: a chunk sees the sketch as it was before the
@@ -187,7 +192,8 @@ class ProbingDetector:
         before it: one product ``chunk @ [previous; chunk].T`` per chunk, a "column before
         my row" mask, and a time mask only when the rows span more than the window. The
         float16 sketch is read (and renormalised) once per call and written once, with the
-        last ``sketch_size`` rows, at the end.
+        last ``sketch_size`` rows of ``keep`` (the same rows as stored: ``emb`` before
+        normalisation when that is float16 already), at the end.
         """
         st = self._state(cid, emb.shape[1])
         k, w = self.sketch_size, self.window_ms
@@ -225,7 +231,7 @@ class ProbingDetector:
         # ring buffer: row g of this call goes to slot (pos + g) % k; only the last k rows survive
         first = max(0, n - k)
         slots = (st.pos + np.arange(first, n)) % k
-        st.emb[slots] = emb[first:]
+        st.emb[slots] = keep[first:]
         st.ts[slots] = ts[first:]
         st.pos = int((st.pos + n) % k)
         return hit

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from itertools import chain
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -31,6 +32,12 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _flat(lists: Iterable[Sequence[Any]]) -> list:
+    """One list of the items of several lists, concatenated in C (no per-item Python bytecode;
+    a repeated value such as a batch's model id is shared, not copied per row)."""
+    return list(chain.from_iterable(lists))
+
+
 def _seconds(ts_ms: np.ndarray) -> np.ndarray:
     return (np.asarray(ts_ms, dtype=np.int64) // 1000).astype(np.uint32)
 
@@ -43,10 +50,10 @@ def prediction_rows(items: Sequence[Delivered]) -> Columns:
     n = [b.n for b in batches]
     ts_ms = np.concatenate([b.ts_ms for b in batches]).astype(np.int64)
     return {
-        "event_id": [e for b in batches for e in b.event_ids],
-        "model_id": np.repeat([b.model_id for b in batches], n).tolist(),
-        "model_version": np.repeat([b.model_version for b in batches], n).tolist(),
-        "client_id": [c for b in batches for c in b.client_ids],
+        "event_id": _flat(b.event_ids for b in batches),
+        "model_id": _flat([b.model_id] * b.n for b in batches),
+        "model_version": _flat([b.model_version] * b.n for b in batches),
+        "client_id": _flat(b.client_ids for b in batches),
         "ts": _seconds(ts_ms),
         "ts_ms": ts_ms.astype(np.uint64),
         "predicted": np.concatenate([b.predicted for b in batches]).astype(np.int32),
@@ -57,7 +64,7 @@ def prediction_rows(items: Sequence[Delivered]) -> Columns:
         "truth": np.concatenate(
             [b.truth if b.truth is not None else np.full(b.n, -1, np.int32) for b in batches]
         ).astype(np.int32),
-        "attack": [a for b in batches for a in (b.attack if b.attack is not None else [""] * b.n)],
+        "attack": _flat(b.attack if b.attack is not None else [""] * b.n for b in batches),
         "batch_offset": np.repeat([d.offset for d in items], n).astype(np.uint64),
         "ingested_ms": np.full(sum(n), now_ms(), dtype=np.uint64),
     }
@@ -68,11 +75,10 @@ def input_rows(items: Sequence[Delivered]) -> Columns:
     batches = [d.batch for d in items if d.batch.inputs is not None]
     if not batches:
         return {}
-    n = [b.n for b in batches]
     ts_ms = np.concatenate([b.ts_ms for b in batches]).astype(np.int64)
     return {
-        "event_id": [e for b in batches for e in b.event_ids],
-        "model_id": np.repeat([b.model_id for b in batches], n).tolist(),
+        "event_id": _flat(b.event_ids for b in batches),
+        "model_id": _flat([b.model_id] * b.n for b in batches),
         "ts": _seconds(ts_ms),
         "ts_ms": ts_ms.astype(np.uint64),
         "input": [row for b in batches for row in b.inputs.reshape(b.n, -1).astype(np.float32)],

@@ -77,6 +77,8 @@ class Store(abc.ABC):
 
     #: 'clickhouse' or 'chdb'
     backend: str = ""
+    #: String columns may arrive at ``_insert_columns`` as pyarrow arrays (see ``columns.normalize``)
+    arrow_strings: bool = False
 
     def __init__(self, *, url: str, readonly_limits: ReadonlyLimits | None = None,
                  migrations_dir: Path | str | None = None) -> None:
@@ -186,7 +188,7 @@ class Store(abc.ABC):
         """
         _sql.quote_table(table)
         types = self.table_columns(table)
-        n, cols = normalize(table, types, columns)
+        n, cols = normalize(table, types, columns, arrow=self.arrow_strings)
         if n == 0:
             return 0
         self._insert_columns(table, n, cols)

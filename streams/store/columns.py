@@ -11,7 +11,9 @@ Canonical forms:
 - ``DateTime``: 1-D uint32 array of epoch seconds (from datetime64, epoch
   seconds, or datetime objects; naive datetimes are taken as UTC)
 - ``Date``: 1-D uint16 array of days since the epoch
-- ``String``: 1-D object array of ``str`` / ``bytes`` (None -> '')
+- ``String``: 1-D object array of ``str`` / ``bytes`` (None -> ''); for a backend
+  that ships Arrow (``normalize(..., arrow=True)``), a pyarrow string or binary array
+  when every value is str (or bytes)
 - ``Array(T)``: ``ArrayData(offsets, values)``; from a 2-D array (one row per
   value) or a sequence of 1-D arrays / lists
 - anything else: a plain list, passed through
@@ -180,6 +182,31 @@ def _date(name: str, value: Any) -> np.ndarray:
     return days.astype(np.uint16)
 
 
+def _arrow_strings(value: Any) -> tuple[Any, bool] | None:
+    """The column as one pyarrow string (or binary) array, converted in C; None when it holds
+    anything but str / bytes (None, numbers, ...), which the generic path below handles."""
+    import pyarrow as pa
+
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        arr = value
+    else:
+        if not isinstance(value, (list, np.ndarray)):
+            value = list(value)
+        if isinstance(value, np.ndarray) and (value.ndim != 1 or value.dtype.kind not in "OUS"):
+            return None
+        try:
+            arr = pa.array(value, from_pandas=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+    if arr.null_count:
+        return None
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return arr, False
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+        return arr, True
+    return None
+
+
 def _strings(name: str, value: Any) -> tuple[np.ndarray, bool]:
     arr = value if isinstance(value, np.ndarray) else np.array(list(value), dtype=object)
     if arr.ndim != 1:
@@ -231,10 +258,14 @@ def _array(name: str, value: Any, inner: str) -> ArrayData:
 
 
 def normalize(
-    table: str, types: Mapping[str, str], columns: Mapping[str, Any]
+    table: str, types: Mapping[str, str], columns: Mapping[str, Any], *, arrow: bool = False
 ) -> tuple[int, list[Column]]:
     """Check ``columns`` against the table's column ``types`` and convert each to
-    its canonical form. Returns (row count, columns in the given order)."""
+    its canonical form. Returns (row count, columns in the given order).
+
+    ``arrow=True`` (a backend that ships Arrow, chDB): String columns of str (or bytes)
+    become one pyarrow array each, converted in C, instead of an object array checked
+    element by element in Python and converted to Arrow afterwards."""
     if not columns:
         raise StoreError(f"insert into {table!r}: no columns given")
     unknown = [c for c in columns if c not in types]
@@ -256,7 +287,8 @@ def normalize(
         elif base == "Date":
             data = _date(name, value)
         elif base == "String" or base.startswith("FixedString("):
-            data, has_bytes = _strings(name, value)
+            fast = _arrow_strings(value) if arrow and base == "String" else None
+            data, has_bytes = fast if fast is not None else _strings(name, value)
         elif base.startswith("Array(") and base.endswith(")"):
             data = _array(name, value, base[6:-1])
         else:

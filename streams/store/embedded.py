@@ -46,6 +46,7 @@ class ChdbStore(Store):
     """Store on chDB persisted at ``path`` (``chdb://PATH`` URLs)."""
 
     backend = "chdb"
+    arrow_strings = True
 
     def __init__(self, path: str | Path, *, url: str, readonly_limits: ReadonlyLimits | None = None,
                  migrations_dir: Any = None) -> None:
@@ -189,6 +190,8 @@ def _arrow_column(col: Column) -> Any:
     import pyarrow as pa
 
     data = col.data
+    if isinstance(data, (pa.Array, pa.ChunkedArray)):  # String columns normalised to Arrow already
+        return data
     if isinstance(data, ArrayData):
         inner_is_str = isinstance(data.values, np.ndarray) and data.values.dtype == object
         if inner_is_str:
