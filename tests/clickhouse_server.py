@@ -26,7 +26,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -311,7 +310,6 @@ if __name__ == "__main__":
     with ClickHouseServer() as server:
         print(server.url, "http:", server.http_url, "dir:", server.dir, flush=True)
         try:
-            while server.is_running():
-                time.sleep(1)
+            server._proc.wait()
         except KeyboardInterrupt:
             pass

@@ -16,10 +16,10 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 from streams.broker import broker_answers, free_port, tansu_binary
+from tests.waiting import wait_until
 
 _API_VERSIONS = 18
 _UNSUPPORTED_VERSION = 35
@@ -55,12 +55,14 @@ class KcatCompatibleBroker:
             [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{self.inner_port}",
              "--advertised-listener-url", f"tcp://{self.bootstrap}", "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not broker_answers(self.bootstrap, timeout=0.5):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.__exit__()
-                raise RuntimeError("the Tansu broker behind the relay did not start")
-            time.sleep(0.05)  # polling a starting process
+        try:
+            wait_until(lambda: self.process.poll() is not None or broker_answers(self.bootstrap, timeout=0.5),
+                       timeout=20, message="the Tansu broker behind the relay")
+        except TimeoutError:
+            pass
+        if self.process.poll() is not None or not broker_answers(self.bootstrap, timeout=0.5):
+            self.__exit__()
+            raise RuntimeError("the Tansu broker behind the relay did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
