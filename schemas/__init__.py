@@ -1,6 +1,6 @@
 """Event contracts: Avro schemas and the codec with the Confluent wire header."""
 
-from schemas.batch import PredictionBatch
+from schemas.batch import LabelBatch, PredictionBatch
 from schemas.codec import (
     DEFAULT_LIMITS,
     SCHEMA_IDS,
@@ -10,16 +10,21 @@ from schemas.codec import (
     decode_batch,
     encode,
     encode_batch,
+    encode_labels,
+    labels_from_record,
 )
 
 __all__ = [
     "DEFAULT_LIMITS",
     "SCHEMA_IDS",
     "CodecError",
+    "LabelBatch",
     "Limits",
     "PredictionBatch",
     "decode",
     "decode_batch",
     "encode",
     "encode_batch",
+    "encode_labels",
+    "labels_from_record",
 ]

@@ -103,3 +103,32 @@ class PredictionBatch:
             attack=None if self.attack is None else self.attack[pick],
             inputs=None if self.inputs is None else self.inputs[pick],
         )
+
+
+@dataclass
+class LabelBatch:
+    """The attack classifier's verdicts on the n events of one live micro-batch, column-wise.
+
+    Example:
+        >>> import numpy as np
+        >>> lb = LabelBatch("cnn", "1", "clf-1", ["e1", "e2"], np.array([5, 6]), np.array([0.9, 0.1], np.float32),
+        ...                 np.array(["pgd", "clean"]), np.array([0.8, 0.9], np.float32),
+        ...                 np.array(["cnn", "cnn"]), np.array([0.7, 0.6], np.float32))
+        >>> lb.n, lb.attack_type.tolist()
+        (2, ['pgd', 'clean'])
+    """
+
+    model_id: str
+    model_version: str
+    classifier_version: str
+    event_ids: list[str]
+    ts_ms: np.ndarray  # (n,) int64
+    p_adversarial: np.ndarray  # (n,) float32, >= 0.5 means flagged
+    attack_type: np.ndarray  # (n,) str: "clean" or an attack preset
+    attack_prob: np.ndarray  # (n,) float32
+    target_model: np.ndarray  # (n,) str: the model the attack was crafted on
+    target_prob: np.ndarray  # (n,) float32
+
+    @property
+    def n(self) -> int:
+        return len(self.event_ids)

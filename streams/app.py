@@ -3,9 +3,11 @@
 One Kafka record carries a micro-batch of predictions. The ingest agent takes up to
 ``sink_batch_records`` records at a time, decodes each once, dead-letters what does not
 validate, writes the slim columns to ClickHouse and hands the decoded batches to the
-enabled stages (drift windows, classifier, probing). Faust acks the records only after
-the loop body finished with them, so a crash replays them; idempotent tables
-(ReplacingMergeTree keyed by event id) turn the replay into exactly-once rows.
+enabled stages (drift windows, classifier, probing), which work on one step while the
+agent decodes and writes the next (``StagePipeline``). Faust acks the records only after
+the sink wrote them and the stages finished with them, so a crash replays them;
+idempotent tables (ReplacingMergeTree keyed by event id) turn the replay into
+exactly-once rows.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Protocol, Sequence
 
 import faust
 
-from schemas.codec import CodecError, Limits, decode
+from schemas.codec import CodecError, Limits, decode, labels_from_record
 from streams import rows as R
 from streams.ingest import MAX_DEAD_LETTER_BYTES, decode_records, encode_dead_letter
 from streams.metrics import Metrics
@@ -149,6 +151,7 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
 
     @app.agent(runtime.topics["predictions"], name="layerwatch.ingest")
     async def ingest(stream: faust.StreamT) -> None:
+        pipeline = StagePipeline(runtime.stages)
         async for events in stream.take_events(settings.sink_batch_records, within=settings.sink_within_s):
             raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events]
             good, dead = decode_records(raw, runtime.limits, settings.known_models)
@@ -166,7 +169,51 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
                 await runtime.writer.write("predictions", R.prediction_rows(good))
                 await runtime.writer.write("predictions_inputs", R.input_rows(live))
                 await runtime.writer.write("reference_embeddings", R.reference_rows(reference))
-            await _run_stages(runtime.stages, good)
+            await pipeline.submit(events, good)
+
+
+class StagePipeline:
+    """Runs one step's stages while the ingest agent takes, decodes and writes the next step.
+
+    The stages of a step run after the sink wrote it and after the previous step's stages
+    finished, so every stage sees the batches in order; meanwhile the event loop is free to
+    decode and write the next step (the stages' heavy work runs in threads). A step's
+    records are acked only when its stages are done (each record's reference is held until
+    then), so a crash replays them. A stage failure is logged at once and raised by the
+    next ``submit``.
+    """
+
+    def __init__(self, stages: Sequence[Stage]):
+        self.stages = stages
+        self._task: asyncio.Future | None = None
+
+    async def submit(self, events: Sequence[Any], good: Sequence[R.Delivered]) -> None:
+        """Start the stages of one step (whose sink writes are done); waits for the previous step."""
+        await self.wait()
+        if not self.stages or not good:
+            return
+        for event in events:
+            event.message.incref()  # released in _run: Faust acks the record when both let go
+        self._task = asyncio.ensure_future(self._run(events, good))
+        self._task.add_done_callback(_log_failure)
+
+    async def wait(self) -> None:
+        """Wait for the step in flight, raising its failure."""
+        task, self._task = self._task, None
+        if task is not None:
+            await task
+
+    async def _run(self, events: Sequence[Any], good: Sequence[R.Delivered]) -> None:
+        try:
+            await _run_stages(self.stages, good)
+        finally:
+            for event in events:
+                event.ack()
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a detection stage failed", exc_info=task.exception())
 
 
 async def _run_stages(stages: Sequence[Stage], good: Sequence[R.Delivered]) -> None:
@@ -203,20 +250,7 @@ def result_rows(records: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict
                 "ts": [r["window_end_ms"] // 1000 for r, _, _ in scores],
             }
     if labels := by_table.get("AttackLabels"):
-        columns: dict[str, list] = {k: [] for k in (
-            "event_id", "model_id", "model_version", "ts", "ts_ms", "p_adversarial", "attack_type", "attack_prob",
-            "target_model", "target_prob", "classifier_version")}
-        for r in labels:
-            n = len(r["event_ids"])
-            columns["event_id"] += r["event_ids"]
-            columns["model_id"] += [r["model_id"]] * n
-            columns["model_version"] += [r["model_version"]] * n
-            columns["ts"] += [t // 1000 for t in r["ts_ms"]]
-            columns["ts_ms"] += r["ts_ms"]
-            for k in ("p_adversarial", "attack_type", "attack_prob", "target_model", "target_prob"):
-                columns[k] += r[k]
-            columns["classifier_version"] += [r["classifier_version"]] * n
-        out["attack_labels"] = columns
+        out["attack_labels"] = R.label_rows([labels_from_record(r) for r in labels])
     if alerts := by_table.get("Alert"):
         columns = R.records_to_columns(
             alerts, ("alert_id", "ts_ms", "model_id", "kind", "state", "severity", "window_id", "event_ids", "client_id", "message"))

@@ -2,8 +2,9 @@
 
 Inside the ingest agent (see streams/app.py): for the live batches of one delivery,
 ONE ``AttackClassifier.predict`` call (all batches' output vectors stacked) runs in a
-one-thread executor so the event loop keeps heart-beating; one AttackLabels record
-per micro-batch goes to ``lw.labels`` keyed by model id.
+one-thread executor, and the AttackLabels records are encoded there too, so the event
+loop keeps heart-beating and decoding; one record per micro-batch goes to ``lw.labels``
+keyed by model id.
 
 The classifier is read from ``settings.classifier_path`` (default
 ``<state_dir>/classifier/classifier.skops``). While the file is missing the stage
@@ -24,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from schemas.batch import PredictionBatch
-from schemas.codec import encode
+from schemas.batch import LabelBatch, PredictionBatch
+from schemas.codec import encode_labels
 from streams.rows import Delivered
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ def classifier_path(settings: Any) -> Path:
     return settings.state_path / "classifier" / "classifier.skops"
 
 
-def label_records(classifier: Any, batches: Sequence[PredictionBatch]) -> list[dict[str, Any]]:
-    """AttackLabels records (column-wise) for ``batches``: one ``predict`` call over all their outputs (pure).
+def label_batches(classifier: Any, batches: Sequence[PredictionBatch]) -> list[LabelBatch]:
+    """The verdicts on ``batches``, one LabelBatch each: one ``predict`` call over all their outputs (pure).
 
     Batches whose output width differs from the classifier's are left out (the caller warns).
     """
@@ -49,23 +50,28 @@ def label_records(classifier: Any, batches: Sequence[PredictionBatch]) -> list[d
     if not usable:
         return []
     labels = classifier.predict(np.concatenate([b.outputs for b in usable]))
-    records, start = [], 0
+    out, start = [], 0
     for b in usable:
         sl = slice(start, start + b.n)
         start += b.n
-        records.append({
-            "model_id": b.model_id,
-            "model_version": b.model_version,
-            "classifier_version": classifier.version,
-            "event_ids": list(b.event_ids),
-            "ts_ms": np.asarray(b.ts_ms, dtype=np.int64).tolist(),
-            "p_adversarial": labels.p_adversarial[sl].tolist(),
-            "attack_type": labels.attack_type[sl].tolist(),
-            "attack_prob": labels.attack_prob[sl].tolist(),
-            "target_model": labels.target_model[sl].tolist(),
-            "target_prob": labels.target_prob[sl].tolist(),
-        })
-    return records
+        out.append(LabelBatch(
+            model_id=b.model_id,
+            model_version=b.model_version,
+            classifier_version=classifier.version,
+            event_ids=b.event_ids,
+            ts_ms=np.asarray(b.ts_ms, dtype=np.int64),
+            p_adversarial=labels.p_adversarial[sl],
+            attack_type=labels.attack_type[sl],
+            attack_prob=labels.attack_prob[sl],
+            target_model=labels.target_model[sl],
+            target_prob=labels.target_prob[sl],
+        ))
+    return out
+
+
+def encoded_labels(classifier: Any, batches: Sequence[PredictionBatch]) -> list[tuple[str, int, bytes]]:
+    """(model id, events, AttackLabels record) per usable batch: :func:`label_batches`, encoded."""
+    return [(lb.model_id, lb.n, encode_labels(lb)) for lb in label_batches(classifier, batches)]
 
 
 class ClassifyStage:
@@ -124,8 +130,8 @@ class ClassifyStage:
                 self._warn_once(f"width:{b.model_id}", "model %s sends outputs of shape %s; the attack classifier "
                                 "expects %d classes: its events are not labelled", b.model_id, b.outputs.shape[1:],
                                 classifier.spec.n_classes)
-        records = await asyncio.get_running_loop().run_in_executor(self.executor, label_records, classifier, live)
+        records = await asyncio.get_running_loop().run_in_executor(self.executor, encoded_labels, classifier, live)
         topic, labelled = self.runtime.topics["labels"], self.runtime.metrics.labelled
-        for record in records:
-            await topic.send(key=record["model_id"].encode(), value=encode("AttackLabels", record))
-            labelled.labels(record["model_id"]).inc(len(record["event_ids"]))
+        for model_id, n, value in records:
+            await topic.send(key=model_id.encode(), value=value)
+            labelled.labels(model_id).inc(n)

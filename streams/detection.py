@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import faust
 import numpy as np
 
-from schemas.codec import CodecError, decode, encode
+from schemas.batch import LabelBatch
+from schemas.codec import CodecError, decode, encode, labels_from_record
 from streams.alerting import AlertEvent, AlertRules
 from streams.probing import ProbingDetector
 from streams.rows import Delivered, now_ms
@@ -381,7 +382,7 @@ def install(app: faust.App, runtime: Any) -> None:
                     await hub.publish(hub.rules.on_drift(record["model_id"], record["window_id"],
                                                          record["window_end_ms"], record["detection_rate"], top))
                 elif name == "AttackLabels":
-                    for verdict in tally.add(record):
+                    for verdict in tally.add(labels_from_record(record)):
                         await hub.publish(hub.rules.on_labels(*verdict))
 
     from streams import recovery
@@ -396,8 +397,12 @@ class LabelTally:
     A bucket (``step_ms`` of event time) is judged once, when an event of a later bucket arrives.
 
     Example:
+        >>> from schemas.batch import LabelBatch
+        >>> def rec(ts, p):
+        ...     n = len(ts)
+        ...     return LabelBatch("m", "1", "c", [str(t) for t in ts], np.array(ts), np.array(p, np.float32),
+        ...                       np.array(["x"] * n), np.ones(n, np.float32), np.array(["m"] * n), np.ones(n, np.float32))
         >>> tally = LabelTally(step_ms=1000)
-        >>> rec = lambda ts, p: {"model_id": "m", "ts_ms": ts, "p_adversarial": p, "event_ids": [str(t) for t in ts]}
         >>> tally.add(rec([100, 200], [0.9, 0.1]))
         []
         >>> [(m, end, n, adv) for m, end, n, adv, _ in tally.add(rec([1100], [0.9]))]
@@ -408,13 +413,14 @@ class LabelTally:
         self.step_ms, self.top = step_ms, top
         self.open: dict[str, tuple[int, int, int, list[tuple[float, str]]]] = {}  # model -> bucket, n, n_adv, top
 
-    def add(self, record: dict[str, Any]) -> list[tuple[str, int, int, int, list[str]]]:
-        model = record["model_id"]
-        ts = np.asarray(record["ts_ms"], dtype=np.int64)
+    def add(self, labels: LabelBatch) -> list[tuple[str, int, int, int, list[str]]]:
+        """Count one micro-batch's verdicts; (model, bucket end, events, flagged, top event ids) of closed buckets."""
+        model = labels.model_id
+        ts = labels.ts_ms
         if ts.size == 0:
             return []
-        p = np.asarray(record["p_adversarial"], dtype=np.float32)
-        ids = np.asarray(record["event_ids"], dtype=object)
+        p = labels.p_adversarial
+        ids = np.asarray(labels.event_ids, dtype=object)
         buckets = ts // self.step_ms
         verdicts = []
         for bucket in np.unique(buckets):

@@ -46,6 +46,15 @@ def _one_blas_thread() -> Any:
     return _BLAS.limit(limits=1, user_api="blas")
 
 
+def _float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32; float16 through torch, whose F16C conversion is ~3x numpy's ``astype``."""
+    if a.dtype != np.float16:
+        return a.astype(np.float32)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32).numpy()
+
+
 @dataclass(frozen=True)
 class ProbingHit:
     """A client flagged for probing: when, with how many near-duplicates of one query, how similar."""
@@ -151,7 +160,7 @@ class ProbingDetector:
         # one gather in client order (in the input dtype, float16 is half the bytes), one conversion,
         # then L2-normalised in place: no per-client copies of the batch
         grouped = raw[order]
-        emb = grouped.astype(np.float32)
+        emb = _float32(grouped)
         emb *= (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", emb, emb)), 1e-12))[:, None]
         # the sketch keeps float16 rows and renormalises what it reads: float16 input rows go in as they
         # came (no float32 -> float16 conversion), anything else normalised first (no float16 overflow)
@@ -202,7 +211,7 @@ class ProbingDetector:
         # chunk 0 sees the sketch entries that can fall within the window of one of its rows
         first_hi = min(n, k)
         live = np.flatnonzero((st.ts >= ts[0] - w) & (st.ts <= ts[first_hi - 1] + w))
-        sketch = st.emb[live].astype(np.float32)
+        sketch = _float32(st.emb[live])
         # renormalise after the float16 round trip, else an exact repeat scores 1 - O(1e-5), not 1 - O(1e-8)
         sketch *= (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", sketch, sketch)), 1e-12))[:, None]
         x = np.concatenate([sketch, emb[:first_hi]])

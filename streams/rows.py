@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from schemas.batch import PredictionBatch
+from schemas.batch import LabelBatch, PredictionBatch
 
 Columns = dict[str, Any]
 
@@ -104,6 +104,26 @@ def reference_rows(items: Sequence[Delivered]) -> Columns:
     for k in ("ts", "ts_ms", "predicted"):
         rows[k] = np.concatenate(rows[k])
     return rows
+
+
+def label_rows(labels: Sequence[LabelBatch]) -> Columns:
+    """The classifier's verdicts for `attack_labels`, one row per event."""
+    if not labels:
+        return {}
+    ts_ms = np.concatenate([lb.ts_ms for lb in labels]).astype(np.int64)
+    return {
+        "event_id": _flat(lb.event_ids for lb in labels),
+        "model_id": _flat([lb.model_id] * lb.n for lb in labels),
+        "model_version": _flat([lb.model_version] * lb.n for lb in labels),
+        "ts": _seconds(ts_ms),
+        "ts_ms": ts_ms.astype(np.uint64),
+        "p_adversarial": np.concatenate([lb.p_adversarial for lb in labels]).astype(np.float32),
+        "attack_type": np.concatenate([lb.attack_type for lb in labels]),
+        "attack_prob": np.concatenate([lb.attack_prob for lb in labels]).astype(np.float32),
+        "target_model": np.concatenate([lb.target_model for lb in labels]),
+        "target_prob": np.concatenate([lb.target_prob for lb in labels]).astype(np.float32),
+        "classifier_version": _flat([lb.classifier_version] * lb.n for lb in labels),
+    }
 
 
 def records_to_columns(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> Columns:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from schemas import PredictionBatch, encode, encode_batch
+from schemas import LabelBatch, PredictionBatch, decode, encode, encode_batch, encode_labels
 from streams import dashboard as D
 from streams.stack import LocalStack, http_json
 from tests.waiting import wait_until
@@ -49,7 +49,7 @@ class Scenario:
     now_ms: int
     batches: list[PredictionBatch] = field(default_factory=list)
     drift: list[dict[str, Any]] = field(default_factory=list)
-    labels: list[dict[str, Any]] = field(default_factory=list)
+    labels: list[LabelBatch] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     attacked_window: str = ""
 
@@ -108,13 +108,13 @@ def build_scenario(now_ms: int, seed: int = 0) -> Scenario:
                                     for r, i in enumerate(order)],
                 })
             predicted_type = [a if a and rng.random() < 0.85 else ("clean" if not a else "pgd") for a in attack]
-            sc.labels.append({
-                "model_id": model_id, "model_version": "1", "classifier_version": "rf-1", "event_ids": ids,
-                "ts_ms": ts.tolist(), "p_adversarial": [0.9 if t != "clean" else 0.05 for t in predicted_type],
-                "attack_type": predicted_type, "attack_prob": [0.8] * EVENTS_PER_STEP,
-                "target_model": [model_id if t != "clean" else "" for t in predicted_type],
-                "target_prob": [0.7] * EVENTS_PER_STEP,
-            })
+            sc.labels.append(LabelBatch(
+                model_id=model_id, model_version="1", classifier_version="rf-1", event_ids=ids, ts_ms=np.asarray(ts),
+                p_adversarial=np.array([0.9 if t != "clean" else 0.05 for t in predicted_type], np.float32),
+                attack_type=np.array(predicted_type), attack_prob=np.full(EVENTS_PER_STEP, 0.8, np.float32),
+                target_model=np.array([model_id if t != "clean" else "" for t in predicted_type]),
+                target_prob=np.full(EVENTS_PER_STEP, 0.7, np.float32),
+            ))
 
     def alert(alert_id: str, ts: int, model_id: str, kind: str, state: str, severity: str, message: str, **extra: Any) -> None:
         sc.alerts.append({"alert_id": alert_id, "ts_ms": ts, "model_id": model_id, "kind": kind, "state": state,
@@ -150,7 +150,7 @@ def publish(bootstrap: str, sc: Scenario) -> None:
     for r in sc.drift:
         producer.send(PREFIX + "drift", key=r["model_id"].encode(), value=encode("DriftResult", r))
     for r in sc.labels:
-        producer.send(PREFIX + "labels", key=r["model_id"].encode(), value=encode("AttackLabels", r))
+        producer.send(PREFIX + "labels", key=r.model_id.encode(), value=encode_labels(r))
     for r in sc.alerts:
         producer.send(PREFIX + "alerts", key=r["alert_id"].encode(), value=encode("Alert", r))
     producer.flush()
@@ -404,7 +404,7 @@ def test_dashboard_queries_on_both_engines(store_url: str) -> None:
         delivered = [Delivered(b, PREFIX + "predictions", 0, i) for i, b in enumerate(sc.batches)]
         store.insert("predictions", prediction_rows(delivered))
         store.insert("predictions_inputs", input_rows(delivered))
-        decoded = [("DriftResult", r) for r in sc.drift] + [("AttackLabels", r) for r in sc.labels] + [
+        decoded = [("DriftResult", r) for r in sc.drift] + [decode(encode_labels(r)) for r in sc.labels] + [
             ("Alert", {**r}) for r in sc.alerts]
         for table, columns in result_rows(decoded).items():
             store.insert(table, columns)

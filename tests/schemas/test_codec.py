@@ -11,12 +11,15 @@ from hypothesis import strategies as st
 
 from schemas import (
     CodecError,
+    LabelBatch,
     Limits,
     PredictionBatch,
     decode,
     decode_batch,
     encode,
     encode_batch,
+    encode_labels,
+    labels_from_record,
 )
 from schemas.codec import SCHEMA_IDS, matrix
 
@@ -167,3 +170,40 @@ def test_corrupted_valid_record_raises_only_codec_error(position: int, noise: by
         decode_batch(bytes(data[: position]))
     except CodecError:
         pass
+
+
+@given(n=st.integers(1, 60), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=40, deadline=None)
+def test_labels_round_trip(n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = LabelBatch(
+        model_id="cnn", model_version="2", classifier_version="rf-1",
+        event_ids=[f"e{i}" for i in range(n)], ts_ms=rng.integers(0, 2**40, n),
+        p_adversarial=rng.random(n).astype(np.float32),
+        attack_type=rng.choice(np.array(["clean", "pgd", "fgsm", "cw"]), n), attack_prob=rng.random(n).astype(np.float32),
+        target_model=rng.choice(np.array(["cnn", "mlp", ""]), n), target_prob=rng.random(n).astype(np.float32),
+    )
+    name, record = decode(encode_labels(labels), expect="AttackLabels")
+    back = labels_from_record(record)
+    assert name == "AttackLabels" and back.n == n and back.event_ids == labels.event_ids
+    assert (back.model_id, back.model_version, back.classifier_version) == ("cnn", "2", "rf-1")
+    for column in ("ts_ms", "p_adversarial", "attack_type", "attack_prob", "target_model", "target_prob"):
+        np.testing.assert_array_equal(getattr(back, column), getattr(labels, column))
+    assert back.ts_ms.dtype == np.int64 and back.p_adversarial.dtype == np.float32
+
+
+def test_labels_reject_bad_indices_and_the_retired_schema_id() -> None:
+    labels = LabelBatch("m", "1", "c", ["a", "b"], np.array([1, 2]), np.ones(2, np.float32), np.array(["x", "y"]),
+                        np.ones(2, np.float32), np.array(["m", "m"]), np.ones(2, np.float32))
+    _, record = decode(encode_labels(labels))
+    record["attack_type"] = matrix(np.array([0, 5], np.int32))
+    with pytest.raises(CodecError, match="attack_type: index outside the 2 names"):
+        labels_from_record(record)
+    record["attack_type"] = matrix(np.array([0], np.int32))
+    with pytest.raises(CodecError, match="attack_type: shape"):
+        labels_from_record(record)
+    with pytest.raises(CodecError, match="id 3 is retired"):
+        decode(struct.pack(">bI", 0, 3) + b"\x00")
+    with pytest.raises(CodecError, match="p_adversarial"):
+        encode_labels(LabelBatch("m", "1", "c", ["a"], np.array([1]), np.array([np.nan], np.float32),
+                                 np.array(["x"]), np.ones(1, np.float32), np.array(["m"]), np.ones(1, np.float32)))

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from schemas.batch import PredictionBatch
-from schemas.codec import decode, encode
-from streams.classify import ClassifyStage, label_records
+from schemas.codec import decode, labels_from_record
+from streams.classify import ClassifyStage, encoded_labels
 from streams.rows import Delivered
 from workers.classifier.model import AttackClassifier
 
@@ -22,24 +22,26 @@ def _batch(model: str, outputs: np.ndarray, role: str = "live") -> PredictionBat
                                  ts_ms=np.arange(len(outputs), dtype=np.int64) + 1_700_000_000_000)
 
 
-def test_label_records_encode_with_the_codec(trained, small_dataset):
+def test_label_batches_encode_with_the_codec(trained, small_dataset):
     clf = AttackClassifier.load(trained)
     calls = []
     predict = clf.predict
     clf.predict = lambda x: calls.append(len(x)) or predict(x)
     batches = [_batch("cnn", small_dataset.outputs[:5]), _batch("mlp", small_dataset.outputs[5:12]),
                _batch("odd", np.full((3, 4), 0.25, np.float32))]  # other width: left out
-    records = label_records(clf, batches)
+    records = encoded_labels(clf, batches)
     assert calls == [12]  # one predict call for the whole delivery
-    assert [r["model_id"] for r in records] == ["cnn", "mlp"]
+    assert [(model, n) for model, n, _ in records] == [("cnn", 5), ("mlp", 7)]
     expected = predict(small_dataset.outputs[:12])
-    for record, sl in zip(records, (slice(0, 5), slice(5, 12))):
-        name, decoded = decode(encode("AttackLabels", record), expect="AttackLabels")
-        assert name == "AttackLabels"
-        assert decoded["event_ids"] == record["event_ids"] and decoded["classifier_version"] == clf.version
-        assert decoded["attack_type"] == expected.attack_type[sl].tolist()
-        np.testing.assert_allclose(decoded["p_adversarial"], expected.p_adversarial[sl], rtol=1e-6)
-        assert len(decoded["ts_ms"]) == len(decoded["target_prob"]) == sl.stop - sl.start
+    for (_, _, value), batch, sl in zip(records, batches, (slice(0, 5), slice(5, 12))):
+        name, record = decode(value, expect="AttackLabels")
+        decoded = labels_from_record(record)
+        assert decoded.event_ids == batch.event_ids and decoded.classifier_version == clf.version
+        assert decoded.attack_type.tolist() == expected.attack_type[sl].tolist()
+        assert decoded.target_model.tolist() == expected.target_model[sl].tolist()
+        np.testing.assert_array_equal(decoded.p_adversarial, expected.p_adversarial[sl])
+        np.testing.assert_array_equal(decoded.target_prob, expected.target_prob[sl])
+        np.testing.assert_array_equal(decoded.ts_ms, batch.ts_ms)
 
 
 class _Topic:
@@ -84,6 +86,6 @@ def test_stage_waits_for_a_classifier_then_labels_live_batches(trained, small_da
     sent = runtime.topics["labels"].sent
     assert len(sent) == 1 and sent[0][0] == b"cnn"
     _, record = decode(sent[0][1], expect="AttackLabels")
-    assert len(record["event_ids"]) == 6
+    assert labels_from_record(record).n == 6
     assert runtime.metrics.labelled.counts == {"cnn": 6}
     stage.executor.shutdown()
