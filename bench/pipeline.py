@@ -21,14 +21,16 @@ database on one Debian clickhouse-server started for the whole benchmark), then:
    seconds, well within the 10 s session timeout; on a 2-core machine the producer would
    otherwise take the worker's CPU), then continued with SIGCONT;
 3. measures the sustained rate from the first consume to the last row in ClickHouse: the
-   worker's ``/api/query`` is polled for ``count()``; then ``min``/``max(ingested_ms)`` of
+   workers' ``/metrics`` are polled for the rows written (a SQL ``count()`` every 0.2 s
+   would run on the worker's store thread, between its inserts, and take the measured
+   worker's CPU); then ``min``/``max(ingested_ms)`` of
    the backlog's rows give the interval. The rows of the first ingest step
    (``ingested_ms = min``) mark the first consume, so the rate is
    ``(rows - last step rows) / (max - min)`` (rows are stamped when their step builds
    them, so every step but the last was done within the interval); ``steady_per_s`` is
    the rate between the 10th and 90th percentile of ``ingested_ms`` (no start-up or tail);
    ``drain_per_s`` is all rows over the time from the first step to the poll (every
-   0.2 s) that saw the last row. Worker CPU (utime + stime from ``/proc/PID/stat``,
+   0.2 s) that saw the last row written. Worker CPU (utime + stime from ``/proc/PID/stat``,
    sampled every 50 ms) is taken over that drain and divided by all rows;
 4. reads all records with a plain ``AIOKafkaConsumer`` (manual assign, from the beginning
    to the end offsets, ``max_partition_fetch_bytes`` as the worker's, no decoding): the
@@ -239,8 +241,8 @@ def query(url: str, sql: str, params: dict | None = None, attempts: int = 3) -> 
     raise RuntimeError(f"/api/query answered {status}: {body}")
 
 
-def events_total(url: str) -> float:
-    """layerwatch_events_total summed over labels, from the worker's /metrics."""
+def metric_total(url: str, name: str, label: str = "") -> float:
+    """A counter from the worker's /metrics, summed over the series whose labels contain ``label``."""
     import urllib.request
 
     try:
@@ -249,7 +251,7 @@ def events_total(url: str) -> float:
     except OSError:
         return float("nan")
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("layerwatch_events_total{"))
+               if line.startswith(name + "{") and label in line)
 
 
 async def raw_consume(bootstrap: str, topic: str, fetch_bytes: int) -> dict[str, float]:
@@ -397,24 +399,30 @@ def start_workers(stack: LocalStack, opts: Options, env: dict[str, str]) -> list
     return spawned
 
 
-def wait_rows(url: str, expected: int, children: list[Child], label: str, timeout: float) -> list:
-    """Poll count/min/max(ingested_ms) until ``expected`` rows are in predictions."""
+def wait_rows(url: str, workers: list, expected: int, children: list[Child], label: str, timeout: float) -> list:
+    """Wait until ``expected`` rows are in predictions; returns [count, min, max(ingested_ms), time seen].
+
+    Progress is read from the workers' /metrics (rows written), not from ClickHouse: a
+    count() every 0.2 s through /api/query would run on the worker's store thread between
+    its inserts and take CPU from the worker being measured. One query confirms at the end.
+    """
     deadline = time.monotonic() + timeout
-    row = [0, 0, 0]
+    seen = 0.0
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[rate]}"), console=console, transient=True) as progress:
-        task = progress.add_task(label, total=expected, rate="")
+                  console=console, transient=True) as progress:
+        task = progress.add_task(label, total=expected)
         while time.monotonic() < deadline:
             for c in children:
                 c.check()
-            row = query(url, "SELECT count(), min(ingested_ms), max(ingested_ms) FROM predictions")[0]
-            n = int(row[0])
-            rate = f"{n / max(1e-3, (int(row[2]) - int(row[1])) / 1000):,.0f}/s" if n else ""
-            progress.update(task, completed=n, rate=rate)
-            if n >= expected:
-                return [*row, time.time()]
+            seen = sum(metric_total(u, "layerwatch_rows_written_total", 'table="predictions"') for _, u in workers)
+            progress.update(task, completed=min(seen, expected))
+            if seen >= expected:
+                at = time.time()
+                row = query(url, "SELECT count(), min(ingested_ms), max(ingested_ms) FROM predictions")[0]
+                if int(row[0]) >= expected:
+                    return [*row, at]
             time.sleep(0.2)
-    raise RuntimeError(f"{label}: {row[0]} of {expected} rows after {timeout:.0f} s")
+    raise RuntimeError(f"{label}: {seen:.0f} of {expected} rows written after {timeout:.0f} s")
 
 
 def wait_warm(url: str, opts: Options, children: list[Child], timeout: float = 180) -> dict[str, Any]:
@@ -506,7 +514,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         if server is not None and server._proc is not None:
             pids["clickhouse"] = server._proc.pid
         sampler = CpuSampler(pids).start()
-        wait_rows(url, n_warm, children, "warm-up rows", timeout=180)
+        wait_rows(url, workers, n_warm, children, "warm-up rows", timeout=180)
         result["warmup"] = wait_warm(url, opts, children)
         profilers = []
         if opts.profile and index == 0:
@@ -529,7 +537,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
                           f"{pub['bytes'] / 1e6:,.0f} MB in {pub['seconds']:.1f} s with the worker(s) stopped[/]{note}")
             del backlog
             expected = n_warm + pub["predictions"]
-            done_at = wait_rows(url, expected, children, "draining backlog", timeout=max(300, expected / 500))[-1]
+            done_at = wait_rows(url, workers, expected, children, "draining backlog", timeout=max(300, expected / 500))[-1]
         finally:
             for p, _ in profilers:
                 p.send_signal(signal.SIGINT)
@@ -554,7 +562,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         rate = (count - n_last) / seconds if seconds > 0 else float("nan")
         bytes_per_prediction = pub["bytes"] / pub["predictions"]
         names = [c.name for c in children]
-        # CPU over the whole drain: from the first step to the moment every row was visible (polled
+        # CPU over the whole drain: from the first step to the moment every row was written (polled
         # every 0.2 s), over all rows; the last step's work is in it
         drain = done_at - first / 1000
         cpu = sampler.between(first / 1000, done_at, names)
@@ -563,7 +571,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
             mb_per_s=rate * bytes_per_prediction / 1e6, drain_s=drain, drain_per_s=count / drain,
             cpu_s=cpu, cpu_s_per_1k=1000 * cpu / count, cpu_cores=cpu / drain,
             other_cpu_s={n: sampler.between(first / 1000, done_at, [n]) for n in pids if n not in names},
-            per_worker_events={c.name: events_total(u) for c, u in workers},
+            per_worker_events={c.name: metric_total(u, "layerwatch_events_total") for c, u in workers},
         )
         time.sleep(1.0)  # let the windows close before the ceiling run (they close on the wall clock)
         raw = asyncio.run(raw_consume(bootstrap, topic, opts.fetch_bytes))
@@ -578,7 +586,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         paced_start = now_ms()
         n_paced, paced_wall = asyncio.run(publish_paced(work, bootstrap, topic, tag + "p", opts.batch, target,
                                                         opts.paced_seconds, opts.partitions))
-        wait_rows(url, expected + n_paced * opts.batch, children, "paced rows", timeout=120)
+        wait_rows(url, workers, expected + n_paced * opts.batch, children, "paced rows", timeout=120)
         lat = query(url, "SELECT quantilesExact(0.5, 0.9, 0.99)(toInt64(ingested_ms) - toInt64(ts_ms)), "
                          "max(toInt64(ingested_ms) - toInt64(ts_ms)), count() FROM predictions WHERE ts_ms >= {t}",
                     {"t": paced_start})[0]
