@@ -55,10 +55,11 @@ class Runtime:
     agents: frozenset[str]
     stages: list[Stage] = field(default_factory=list)
     topics: dict[str, Any] = field(default_factory=dict)
+    stage_failure: str = ""  # the last detection stage failure, until a later step's stages succeed
 
     def health(self) -> dict[str, Any]:
-        status = "ok" if self.writer.healthy else "degraded"
-        return {"status": status, "reason": self.writer.degraded_reason, "agents": sorted(self.agents)}
+        reason = self.writer.degraded_reason or self.stage_failure
+        return {"status": "degraded" if reason else "ok", "reason": reason, "agents": sorted(self.agents)}
 
 
 def parse_agents(spec: str) -> frozenset[str]:
@@ -151,7 +152,7 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
 
     @app.agent(runtime.topics["predictions"], name="layerwatch.ingest")
     async def ingest(stream: faust.StreamT) -> None:
-        pipeline = StagePipeline(runtime.stages)
+        pipeline = StagePipeline(runtime.stages, runtime)
         async for events in stream.take_events(settings.sink_batch_records, within=settings.sink_within_s):
             raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events]
             good, dead = decode_records(raw, runtime.limits, settings.known_models)
@@ -180,11 +181,13 @@ class StagePipeline:
     decode and write the next step (the stages' heavy work runs in threads). A step's
     records are acked only when its stages are done (each record's reference is held until
     then), so a crash replays them. A stage failure is logged at once and raised by the
-    next ``submit``.
+    next ``submit`` (Faust then restarts the agent, which replays the records); until a
+    later step's stages succeed, the runtime's health reads "degraded" with the reason.
     """
 
-    def __init__(self, stages: Sequence[Stage]):
+    def __init__(self, stages: Sequence[Stage], runtime: Any = None):
         self.stages = stages
+        self.runtime = runtime
         self._task: asyncio.Future | None = None
 
     async def submit(self, events: Sequence[Any], good: Sequence[R.Delivered]) -> None:
@@ -195,7 +198,7 @@ class StagePipeline:
         for event in events:
             event.message.incref()  # released in _run: Faust acks the record when both let go
         self._task = asyncio.ensure_future(self._run(events, good))
-        self._task.add_done_callback(_log_failure)
+        self._task.add_done_callback(self._done)
 
     async def wait(self) -> None:
         """Wait for the step in flight, raising its failure."""
@@ -210,10 +213,14 @@ class StagePipeline:
             for event in events:
                 event.ack()
 
-
-def _log_failure(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("a detection stage failed", exc_info=task.exception())
+    def _done(self, task: asyncio.Future) -> None:
+        if task.cancelled():
+            return
+        failure = "" if task.exception() is None else f"detection stage failed: {task.exception()!r}"[:300]
+        if failure:
+            log.error("a detection stage failed", exc_info=task.exception())
+        if self.runtime is not None:
+            self.runtime.stage_failure = failure
 
 
 async def _run_stages(stages: Sequence[Stage], good: Sequence[R.Delivered]) -> None:
