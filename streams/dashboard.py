@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
+from streams.store.queries import shipped_queries
+
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGE = "dashboard.html"
 STATIC_FILES = {  # name -> content type; nothing else under /static is served
@@ -164,29 +166,8 @@ LIMIT 100
 """
 
 # The window's top events (best score per event over the chosen layer, or all layers)
-# joined with the predictions they came from.
-WINDOW_EVENTS_SQL = """
-SELECT event_id, model_id, score, rank, layer, client_id, predicted, confidence, ts_ms, attack
-FROM
-(
-    SELECT event_id, any(m) AS model_id, max(sc) AS score, min(rk) AS rank, argMax(l, sc) AS layer
-    FROM
-    (
-        SELECT event_id, model_id AS m, layer AS l, score AS sc, rank AS rk
-        FROM sample_scores FINAL
-        WHERE window_id = {window_id} AND ({layer} = '' OR layer = {layer})
-    )
-    GROUP BY event_id
-) AS s
-ANY LEFT JOIN
-(
-    SELECT event_id, model_id, client_id, predicted, confidence, ts_ms, attack
-    FROM predictions FINAL
-    WHERE event_id IN (SELECT event_id FROM sample_scores WHERE window_id = {window_id})
-) AS p USING (event_id, model_id)
-ORDER BY score DESC, event_id
-LIMIT {limit}
-"""
+# joined with the predictions they came from: the shipped query `layerwatch query` runs too.
+WINDOW_EVENTS_SQL = shipped_queries()["top_suspicious_events"]
 
 WINDOW_LABELS_SQL = """
 SELECT event_id, argMax(attack_type, ts_ms) AS attack_type, argMax(attack_prob, ts_ms) AS attack_prob,

@@ -1,9 +1,12 @@
 -- The most suspicious events of one drift window: its per-sample scores joined
--- with the predictions they came from (best score per event across layers).
+-- with the predictions they came from (best score per event across layers, or
+-- over one layer when `layer` is given).
 -- @param window_id
+-- @param layer = ''
 -- @param limit = 20
 SELECT
     event_id,
+    model_id,
     score,
     rank,
     layer,
@@ -19,7 +22,7 @@ FROM
     (
         SELECT event_id, model_id AS m, layer AS l, score AS sc, rank AS rk
         FROM sample_scores FINAL
-        WHERE window_id = {window_id}
+        WHERE window_id = {window_id} AND ({layer} = '' OR layer = {layer})
     )
     GROUP BY event_id
 ) AS s

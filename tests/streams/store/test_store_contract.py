@@ -440,6 +440,8 @@ def check_top_suspicious_events(store: Store) -> None:
     assert rows_of(everything, "event_id", "client_id", "ts_ms")[-1] == ("ghost", "", 0)
     assert len(everything.rows) == 4
     assert run_shipped(store, "top_suspicious_events", window_id="nope").rows == []
+    one_layer = run_shipped(store, "top_suspicious_events", window_id="wA4", layer="penultimate")
+    assert one_layer.rows and {r[0] for r in rows_of(one_layer, "layer")} == {"penultimate"}
 
 
 def check_alert_history(store: Store) -> None:
