@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -121,14 +119,6 @@ def decode(data: bytes, *, expect: str | None = None, limits: Limits = DEFAULT_L
         raise CodecError("header", f"unknown schema id {schema_id}")
     if expect is not None and name != expect:
         raise CodecError("header", f"schema {name} where {expect} was expected")
-    shared = name != "PredictionBatch" and isinstance(data, bytes) and len(data) <= _RECENT_MAX_BYTES
-    if shared:
-        with _recent_lock:
-            hit = _recent.get(data)
-            if hit is not None:
-                _recent.move_to_end(data)
-        if hit is not None:
-            return name, _fresh(hit)
     body = io.BytesIO(data)  # shares a bytes object's buffer (a memoryview slice would be copied)
     body.seek(HEADER.size)
     try:
@@ -137,32 +127,7 @@ def decode(data: bytes, *, expect: str | None = None, limits: Limits = DEFAULT_L
         raise CodecError("record", f"malformed Avro body: {type(exc).__name__}: {exc}"[:300]) from exc
     if body.tell() != len(data):
         raise CodecError("record", f"{len(data) - body.tell()} trailing bytes after the Avro body")
-    if shared:
-        with _recent_lock:
-            _recent[data] = record
-            if len(_recent) > _RECENT_SIZE:
-                _recent.popitem(last=False)
-        return name, _fresh(record)
     return name, record
-
-
-# Result events (AttackLabels, DriftResult, ...) are read by two agents of one worker (the alerts
-# agent and the results sink both subscribe to lw.labels and lw.drift): the same bytes twice. The
-# last few decoded payloads are kept (keyed by the bytes; the hash is cached in the bytes object)
-# and every caller gets its own copy of the containers, so one caller's edits never reach another.
-_RECENT_SIZE = 128
-_RECENT_MAX_BYTES = 256 * 1024
-_recent: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
-_recent_lock = threading.Lock()
-
-
-def _fresh(value: Any) -> Any:
-    """A copy of a decoded record's dicts and lists (scalars, strings and bytes are immutable, shared)."""
-    if isinstance(value, dict):
-        return {k: _fresh(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fresh(v) for v in value] if value and isinstance(value[0], (dict, list)) else list(value)
-    return value
 
 
 # --- matrices -------------------------------------------------------------------------------
@@ -381,16 +346,18 @@ def labels_from_record(record: dict[str, Any], limits: Limits = DEFAULT_LIMITS) 
     if n > limits.max_rows:
         raise CodecError("event_ids", f"{n} events exceed the limit of {limits.max_rows}")
     _check_ids("event_ids", event_ids, n, limits, allow_empty=False)
+    if n == 0:
+        raise CodecError("event_ids", "labels for no events")
     columns = {}
     for field, kinds in (("ts_ms", "i"), ("p_adversarial", "f"), ("attack_prob", "f"), ("target_prob", "f")):
-        columns[field] = from_matrix(field, record[field], shape=(n,), kinds=kinds, limits=limits) if n else np.zeros(0)
+        columns[field] = from_matrix(field, record[field], shape=(n,), kinds=kinds, limits=limits)
     for field, names_field in (("attack_type", "attack_types"), ("target_model", "target_models")):
         names = record[names_field]
         _check_ids(names_field, names, len(names), limits, allow_empty=True)
-        codes = from_matrix(field, record[field], shape=(n,), kinds="i", limits=limits) if n else np.zeros(0, np.int32)
-        if codes.size and (codes.min() < 0 or codes.max() >= len(names)):
+        codes = from_matrix(field, record[field], shape=(n,), kinds="i", limits=limits)
+        if codes.min() < 0 or codes.max() >= len(names):
             raise CodecError(field, f"index outside the {len(names)} names of {names_field}")
-        columns[field] = np.asarray(names, dtype=str)[codes] if names else np.zeros(0, dtype=str)
+        columns[field] = np.asarray(names, dtype=str)[codes]
     return LabelBatch(
         model_id=record["model_id"],
         model_version=record["model_version"],
