@@ -152,10 +152,11 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
 
     @app.agent(runtime.topics["predictions"], name="layerwatch.ingest")
     async def ingest(stream: faust.StreamT) -> None:
-        pipeline = StagePipeline(runtime.stages, runtime)
+        pipeline = StagePipeline(runtime)
+        known_models = settings.known_models
         async for events in stream.take_events(settings.sink_batch_records, within=settings.sink_within_s):
             raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events]
-            good, dead = decode_records(raw, runtime.limits, settings.known_models)
+            good, dead = decode_records(raw, runtime.limits, known_models)
             for record in dead:
                 log.warning("dead letter %s:%s:%s: %s", record["topic"], record["partition"], record["offset"], record["reason"])
                 metrics.dlq.labels(record["topic"]).inc()
@@ -185,15 +186,14 @@ class StagePipeline:
     later step's stages succeed, the runtime's health reads "degraded" with the reason.
     """
 
-    def __init__(self, stages: Sequence[Stage], runtime: Any = None):
-        self.stages = stages
+    def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self._task: asyncio.Future | None = None
 
     async def submit(self, events: Sequence[Any], good: Sequence[R.Delivered]) -> None:
         """Start the stages of one step (whose sink writes are done); waits for the previous step."""
         await self.wait()
-        if not self.stages or not good:
+        if not self.runtime.stages or not good:
             return
         for event in events:
             event.message.incref()  # released in _run: Faust acks the record when both let go
@@ -208,7 +208,7 @@ class StagePipeline:
 
     async def _run(self, events: Sequence[Any], good: Sequence[R.Delivered]) -> None:
         try:
-            await _run_stages(self.stages, good)
+            await _run_stages(self.runtime.stages, good)
         finally:
             for event in events:
                 event.ack()
@@ -216,17 +216,16 @@ class StagePipeline:
     def _done(self, task: asyncio.Future) -> None:
         if task.cancelled():
             return
-        failure = "" if task.exception() is None else f"detection stage failed: {task.exception()!r}"[:300]
-        if failure:
-            log.error("a detection stage failed", exc_info=task.exception())
-        if self.runtime is not None:
-            self.runtime.stage_failure = failure
+        exc = task.exception()
+        if exc is not None:
+            log.error("a detection stage failed", exc_info=exc)
+        self.runtime.stage_failure = "" if exc is None else f"detection stage failed: {exc!r}"[:300]
 
 
 async def _run_stages(stages: Sequence[Stage], good: Sequence[R.Delivered]) -> None:
     """Hand the decoded batches to every stage at once, after the sink wrote them (the drift stage
-    reads the reference back from the store): while the classifier works in its thread, probing
-    and the windows run on the loop. Returns when all are done (the records are acked after
+    reads the reference back from the store): the classifier and probing work in their threads
+    while the windows run on the loop. Returns when all are done (the records are acked after
     that); the first failure is raised then."""
     results = await asyncio.gather(*(stage.handle(good) for stage in stages), return_exceptions=True)
     for result in results:

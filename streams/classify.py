@@ -41,12 +41,17 @@ def classifier_path(settings: Any) -> Path:
     return settings.state_path / "classifier" / "classifier.skops"
 
 
+def fits(batch: PredictionBatch, classifier: Any) -> bool:
+    """Whether the batch's output vectors have the width the classifier was trained on."""
+    return batch.outputs.ndim == 2 and batch.outputs.shape[1] == classifier.spec.n_classes
+
+
 def label_batches(classifier: Any, batches: Sequence[PredictionBatch]) -> list[LabelBatch]:
     """The verdicts on ``batches``, one LabelBatch each: one ``predict`` call over all their outputs (pure).
 
     Batches whose output width differs from the classifier's are left out (the caller warns).
     """
-    usable = [b for b in batches if b.n and b.outputs.ndim == 2 and b.outputs.shape[1] == classifier.spec.n_classes]
+    usable = [b for b in batches if b.n and fits(b, classifier)]
     if not usable:
         return []
     labels = classifier.predict(np.concatenate([b.outputs for b in usable]))
@@ -126,7 +131,7 @@ class ClassifyStage:
         if classifier is None:
             return
         for b in live:
-            if b.outputs.ndim != 2 or b.outputs.shape[1] != classifier.spec.n_classes:
+            if not fits(b, classifier):
                 self._warn_once(f"width:{b.model_id}", "model %s sends outputs of shape %s; the attack classifier "
                                 "expects %d classes: its events are not labelled", b.model_id, b.outputs.shape[1:],
                                 classifier.spec.n_classes)

@@ -173,9 +173,10 @@ class DriftStage:
             if b.role == "reference":
                 self.references.mark_stale(key)
                 continue
-            self._enqueue(self.windows.add(key, b.ts_ms, b.event_ids, b.predicted, b.layers))
+            self.enqueue(self.windows.add(key, b.ts_ms, b.event_ids, b.predicted, b.layers))
 
-    def _enqueue(self, closed: list[ClosedWindow]) -> None:
+    def enqueue(self, closed: list[ClosedWindow]) -> None:
+        """Queue closed windows for testing (coalesced per key when tests fall behind)."""
         for window in closed:
             if self.pending.put(window):
                 self.runtime.metrics.coalesced.labels(window.model_id).inc()
@@ -183,7 +184,7 @@ class DriftStage:
             self.wakeup.set()
 
     def close_idle(self) -> None:
-        self._enqueue(self.windows.close_idle(now_ms()))
+        self.enqueue(self.windows.close_idle(now_ms()))
 
     async def run(self) -> None:
         """The test loop: one window at a time, newest data coalesced while a test runs."""
@@ -432,9 +433,10 @@ class LabelTally:
                 verdicts.append(self._verdict(model, current))
                 current = None
             b, n, adv, best = current or (int(bucket), 0, 0, [])
-            order = np.argsort(-p[mask])[: self.top]
-            best = sorted(best + list(zip(p[mask][order].tolist(), ids[mask][order].tolist())), reverse=True)[: self.top]
-            self.open[model] = (b, n + int(mask.sum()), adv + int((p[mask] >= 0.5).sum()), best)
+            pm, im = p[mask], ids[mask]
+            order = np.argsort(-pm)[: self.top]
+            best = sorted(best + list(zip(pm[order].tolist(), im[order].tolist())), reverse=True)[: self.top]
+            self.open[model] = (b, n + pm.size, adv + int((pm >= 0.5).sum()), best)
         return verdicts
 
     def _verdict(self, model: str, state: tuple[int, int, int, list]) -> tuple[str, int, int, int, list[str]]:

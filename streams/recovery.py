@@ -310,7 +310,8 @@ class Recovery:
                     if b.role != "live":
                         continue
                     key = (b.model_id, b.model_version)
-                    first_ts[key] = min(first_ts.get(key, int(b.ts_ms.min())), int(b.ts_ms.min()))
+                    t0 = int(b.ts_ms.min())
+                    first_ts[key] = min(first_ts.get(key, t0), t0)
                     stats.events += b.n
                     closed.extend(wm.add(key, b.ts_ms, b.event_ids, b.predicted, b.layers))
                 await asyncio.sleep(0)  # keep the loop (heartbeats, web) responsive
@@ -335,7 +336,7 @@ class Recovery:
         stats.windows_dropped += len(covered) - len(retest)
         stats.windows_retested = len(retest)
         if retest:
-            self.drift._enqueue(retest)
+            self.drift.enqueue(retest)
 
     # -- alerts
     async def _restore_alerts(self, consumer: Any, committed: dict[Any, int | None], stats: RecoveryStats) -> None:

@@ -38,7 +38,7 @@ class FakeDrift:
         self.ready.set()
         self.enqueued: list = []
 
-    def _enqueue(self, windows: list) -> None:
+    def enqueue(self, windows: list) -> None:
         self.enqueued.extend(windows)
 
 

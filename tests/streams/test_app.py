@@ -57,7 +57,7 @@ def test_stages_of_a_step_overlap_the_next_step_and_records_are_acked_after_them
     runtime = _runtime(stage)
 
     async def run() -> None:
-        pipeline = StagePipeline(runtime.stages, runtime)
+        pipeline = StagePipeline(runtime)
         stage.hold["s1"] = asyncio.Event()
         first = [_Event(), _Event()]
         await pipeline.submit(first, ["s1"])
@@ -88,7 +88,7 @@ def test_a_failed_stage_degrades_health_until_a_later_step_succeeds() -> None:
     stage.fail.add("bad")
 
     async def run() -> None:
-        pipeline = StagePipeline(runtime.stages, runtime)
+        pipeline = StagePipeline(runtime)
         failed = [_Event()]
         await pipeline.submit(failed, ["bad"])
         failed[0].ack()
