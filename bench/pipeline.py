@@ -84,6 +84,7 @@ from rich.table import Table  # noqa: E402
 
 from schemas import PredictionBatch, encode_batch  # noqa: E402
 from streams.broker import free_port  # noqa: E402
+from streams.rows import now_ms  # noqa: E402
 from streams.app import parse_agents  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.stack import Child, LocalStack, http_json, wait_for  # noqa: E402
@@ -177,10 +178,6 @@ async def producer(bootstrap: str):
     prod = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, max_request_size=16 * 1024 * 1024)
     await prod.start()
     return prod
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 # ----------------------------------------------------------------------------- measuring

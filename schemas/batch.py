@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ROLES = ("live", "reference")
+PENULTIMATE = "penultimate"  # the layer every model publishes: the default for tests, probing and reports
+COMBINED = "__combined__"  # DriftResult.layer of the test over all layers of a window together
 
 
 @dataclass

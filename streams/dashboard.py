@@ -31,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import math
-import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
+from schemas.batch import COMBINED, PENULTIMATE
+from streams.rows import now_ms
 from streams.store.queries import shipped_queries
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -45,7 +46,6 @@ STATIC_FILES = {  # name -> content type; nothing else under /static is served
 }
 PLOTLY_JS = "plotly.min.js"
 
-COMBINED = "__combined__"
 DEFAULT_MINUTES = 15
 MAX_MINUTES = 1440
 MAX_DRIFT_ROWS = 50_000  # window points over all series in one answer
@@ -199,10 +199,6 @@ class BadParameter(ValueError):
     """A request parameter that cannot be used (answered with 400)."""
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def bounded_int(value: Any, default: int, low: int, high: int, name: str) -> int:
     """An integer request parameter clamped to [low, high]; empty means the default."""
     if value is None or value == "":
@@ -243,7 +239,7 @@ def time_bounds(since_ms: int) -> dict[str, int]:
 
 def layer_order(layer: str) -> tuple[int, str]:
     """Sort key: the combined test first, the penultimate layer next, then by name."""
-    return (0 if layer == COMBINED else 1 if layer == "penultimate" else 2, layer)
+    return (0 if layer == COMBINED else 1 if layer == PENULTIMATE else 2, layer)
 
 
 def records(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:

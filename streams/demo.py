@@ -33,7 +33,6 @@ console = Console()
 DEFAULT_PHASES = "clean:16,pgd@cnn:12,clean:16,fgsm@resnet:12"
 DEFAULT_RATE = 150.0
 WINDOW_S, STEP_S = 4.0, 2.0
-PENULTIMATE = "penultimate"
 DEMO_CLASSIFIER_ATTACKS = ("fgsm", "fgm", "pgd", "pgd_small", "pgd_l2", "deepfool")
 
 

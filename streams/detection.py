@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import faust
 import numpy as np
 
-from schemas.batch import LabelBatch
+from schemas.batch import COMBINED, PENULTIMATE, LabelBatch
 from schemas.codec import CodecError, decode, encode, labels_from_record
 from streams.alerting import AlertEvent, AlertRules
 from streams.probing import ProbingDetector
@@ -33,8 +33,6 @@ from streams.windows import ClosedWindow, Coalescer, WindowManager
 
 log = logging.getLogger(__name__)
 
-COMBINED = "__combined__"
-PENULTIMATE = "penultimate"
 Key = tuple[str, str]
 
 REFERENCE_IDS_SQL = (

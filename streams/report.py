@@ -46,9 +46,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from schemas.batch import COMBINED
+
 __all__ = ["COMBINED", "run_report_cli", "write_report"]
 
-COMBINED = "__combined__"  # the drift agent's all-layers row (streams.detection.COMBINED)
 _CLEAN_LABELS = ("", "clean")
 _COLORS = {"reference": "#4c72b0", "clean": "#55a868", "adversarial": "#c44e52"}
 

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from schemas.batch import COMBINED
 from workers.progress import progress_bar
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 CLEAN = "clean"
-COMBINED = "__combined__"  # the drift agent's name for the all-layers row
 
 #: Seed 000's table: PGD ε 0.003 on ResNet18, detection rate by layer index.
 LADIS_PGD_TABLE: dict[int, float] = {1: 0.03, 4: 0.07, 8: 0.84, 12: 0.95, 14: 1.00, 15: 1.00}

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-PENULTIMATE = "penultimate"
+from schemas.batch import PENULTIMATE
 
 
 @dataclass
