@@ -231,7 +231,7 @@ class CpuSampler:
 
 def query(url: str, sql: str, params: dict | None = None, attempts: int = 3) -> list[list]:
     """Rows of a read-only query through the worker's API (retried: a busy worker may time out)."""
-    for attempt in range(attempts):
+    for _ in range(attempts):
         status, body = http_json(f"{url}/api/query", {"sql": sql, "params": params or {}}, timeout=30.0)
         if status == 200:
             return body["rows"]
@@ -296,7 +296,6 @@ class Options:
     partitions: int
     reference: int
     paced_seconds: float
-    clients: int
     env: dict[str, str]
     profile: Path | None
     log_dir: Path | None
@@ -425,14 +424,14 @@ def wait_rows(url: str, workers: list, expected: int, children: list[Child], lab
 def wait_warm(url: str, opts: Options, children: list[Child], timeout: float = 180) -> dict[str, Any]:
     """Until the warm-up window was tested and (with a classifier) labels landed; what was reached."""
     deadline = time.monotonic() + timeout
+    need_labels = opts.classifier is not None and "classify" in parse_agents(opts.env.get("LW_AGENTS", "all"))
     state: dict[str, Any] = {}
     while time.monotonic() < deadline:
         for c in children:
             c.check()
         state = {"drift_windows": int(query(url, "SELECT count() FROM drift_windows")[0][0]),
                  "attack_labels": int(query(url, "SELECT count() FROM attack_labels")[0][0])}
-        classify = opts.classifier is not None and parse_agents(opts.env.get("LW_AGENTS", "all"))
-        if state["drift_windows"] > 0 and (not classify or "classify" not in classify or state["attack_labels"] > 0):
+        if state["drift_windows"] > 0 and (not need_labels or state["attack_labels"] > 0):
             return state
         time.sleep(0.5)
     console.print(f"[yellow]warm-up incomplete after {timeout:.0f} s: {state}[/]")
@@ -553,8 +552,7 @@ def run_once(opts: Options, work: Workload, index: int, server: Any, tmp: Path) 
         result["steps"] = [[int(t) - first, int(n)] for t, n in steps]  # ms after the first step, rows
         # rows are stamped when their ingest step builds them: the rows of every step but the last
         # were done in (last - first)
-        n_last = int(query(url, "SELECT count() FROM predictions WHERE ingested_ms = {t} AND ts_ms >= {base}",
-                           {"t": last, "base": base})[0][0])
+        n_last = int(steps[-1][1])
         seconds = (last - first) / 1000
         rate = (count - n_last) / seconds if seconds > 0 else float("nan")
         bytes_per_prediction = pub["bytes"] / pub["predictions"]
@@ -679,7 +677,7 @@ def main() -> None:
     if args.workers == 2 and args.store == "chdb":
         ap.error("two worker processes cannot open one chDB path: use --store server")
     opts = Options(args.predictions, args.batch, args.workers, args.store, args.repeats, args.partitions,
-                   args.reference, args.paced_seconds, args.clients,
+                   args.reference, args.paced_seconds,
                    dict(kv.split("=", 1) for kv in args.env), args.profile, args.log_dir, args.event_rate)
     work = Workload(batch=args.batch, clients=args.clients)
     runs = []

@@ -38,7 +38,9 @@ def classifier_path(settings: Any) -> Path:
     """``settings.classifier_path`` or ``<state_dir>/classifier/classifier.skops``."""
     if settings.classifier_path:
         return Path(settings.classifier_path)
-    return settings.state_path / "classifier" / "classifier.skops"
+    from workers.classifier.model import default_path
+
+    return default_path(settings.state_path)
 
 
 def fits(batch: PredictionBatch, classifier: Any) -> bool:

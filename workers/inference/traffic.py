@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from workers.inference.data import demo_split
+from workers.progress import progress_bar
 
 CLEAN = "clean"
 PROBE = "probe"
@@ -306,35 +307,21 @@ class _Outcome:
 
 
 class _Bar:
-    """A rich progress bar over the events of the run (no-op when disabled)."""
+    """A progress bar over the events of the run (``workers.progress``: silent when disabled)."""
 
     def __init__(self, enabled: bool, total: int):
-        self.progress = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn())
-            self.task = self.progress.add_task("simulating", total=total)
+        self.progress = progress_bar(enabled)
+        self.task = self.progress.add_task("simulating", total=total)
 
     def __enter__(self) -> "_Bar":
-        if self.progress is not None:
-            self.progress.start()
+        self.progress.__enter__()
         return self
 
     def advance(self, n: int, description: str | None = None) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=n, description=description or "simulating")
+        self.progress.update(self.task, advance=n, description=description or "simulating")
 
     def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self.progress.__exit__(*exc)
 
 
 async def _run_http(url: str, plan: list[_Request], phases: list[Phase], concurrency: int,
