@@ -87,7 +87,6 @@ class StudyResult:
     layers: list[str]
     dims: dict[str, int]
     presets: list[str]
-    rates: dict[str, dict[str, float]]
     stats: dict[str, dict[str, WindowStats]]
     attacks: dict[str, dict[str, Any]]
     params: dict[str, Any]
@@ -95,12 +94,14 @@ class StudyResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
+    def rates(self) -> dict[str, dict[str, float]]:
+        """Detection rate per window and layer (from ``stats``)."""
+        return {w: {k: st.rate for k, st in per.items()} for w, per in self.stats.items()}
+
+    @property
     def fpr(self) -> dict[str, float]:
         """False-positive rate per layer (clean test vs clean validation), COMBINED included."""
         return self.rates[CLEAN]
-
-    def rate(self, preset: str, layer: str) -> float:
-        return self.rates[preset][layer]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (floats, strings, lists)."""
@@ -247,13 +248,11 @@ def layer_study(
         bar.update(task, description=f"layer study: {model}, MMD tests")
         tester = MMDTester(reference, n_permutations=n_permutations, seed=seed, device=device,
                            standardize=standardize)
-        rates: dict[str, dict[str, float]] = {}
         stats: dict[str, dict[str, WindowStats]] = {}
         for window_name, window in windows.items():
             res = tester.detection_rate(window, repeats=repeats, m=m, alpha=alpha)
             per = dict(res.layers) if res.layers else {study_layers[0]: res}
             per[COMBINED] = res
-            rates[window_name] = {k: float(per[k].rate) for k in [*study_layers, COMBINED]}
             stats[window_name] = {
                 k: WindowStats(rate=float(per[k].rate), median_p=float(np.median(per[k].p_values)),
                                median_mmd2=float(np.median(per[k].mmd2)))
@@ -287,7 +286,6 @@ def layer_study(
         layers=study_layers,
         dims={k: int(v.shape[1]) for k, v in reference.items()},
         presets=presets,
-        rates=rates,
         stats=stats,
         attacks=attacks,
         params=params,
