@@ -258,8 +258,8 @@ def _summary(api: WorkerAPI, report: Any, models: list[str], counts: dict[str, i
                     "WHERE layer = 'penultimate' ORDER BY window_end_ms")
     windows = np.array([tuple(r) for r in rows], dtype=[("model", "U64"), ("start", "i8"), ("end", "i8"), ("rate", "f8")])
     alerts = api.rows(
-        "SELECT kind, model_id, client_id, minIf(ts_ms, state = 'open') AS opened, maxIf(ts_ms, state = 'resolved') "
-        "FROM alerts FINAL GROUP BY alert_id, kind, model_id, client_id ORDER BY opened")
+        "SELECT kind, model_id, client_id, minIf(ts_ms, state = 'open') AS opened, maxIf(ts_ms, state = 'resolved'), "
+        "anyIf(window_id, state = 'open') FROM alerts FINAL GROUP BY alert_id, kind, model_id, client_id ORDER BY opened")
     stored = api.rows("SELECT uniqExact(event_id) FROM predictions WHERE ts_ms >= {since}",
                       since=min(p["start_ms"] for p in report.phases))[0][0]
     _, server_health = http_json(f"{server_url}/health", timeout=5)
@@ -267,8 +267,8 @@ def _summary(api: WorkerAPI, report: Any, models: list[str], counts: dict[str, i
     probing = sorted({a[2] for a in alerts if a[0] == "probing"})
     return {
         "phases": [phase_figures(windows, models, p) for p in report.phases],
-        "alerts": [{"kind": k, "model_id": m, "client_id": c, "opened_ms": o, "resolved_ms": r or None}
-                   for k, m, c, o, r in alerts],
+        "alerts": [{"kind": k, "model_id": m, "client_id": c, "opened_ms": o, "resolved_ms": r or None,
+                    "window_id": w or None} for k, m, c, o, r, w in alerts],
         "throttled_clients": sorted(set(restricted) | set(probing)),
         "events_published": int(report.accepted),
         "events_stored": int(stored),
@@ -285,12 +285,10 @@ def _print_answers(api: WorkerAPI, summary: dict[str, Any]) -> None:
     shift = [a for a in summary["alerts"] if a["kind"] == "distribution_shift"]
     console.print("[bold]since when, which model[/] (distribution-shift alerts and the window that opened each):")
     for alert in shift:
-        rows = api.rows("SELECT window_id, ts_ms FROM alerts FINAL WHERE model_id = {m} AND kind = 'distribution_shift' "
-                        "AND state = 'open' AND ts_ms = {t} LIMIT 1", m=alert["model_id"], t=alert["opened_ms"])
-        window_id = rows[0][0] if rows else "?"
+        window_id = alert["window_id"]
         opened = time.strftime("%H:%M:%S", time.gmtime(alert["opened_ms"] / 1000))
-        console.print(f"  model [bold]{alert['model_id']}[/] since {opened} UTC (window {window_id})")
-        if rows:
+        console.print(f"  model [bold]{alert['model_id']}[/] since {opened} UTC (window {window_id or '?'})")
+        if window_id:
             columns, top = api.shipped("top_suspicious_events", window_id=window_id, limit=5)
             keep = [c for c in ("event_id", "score", "client_id", "predicted", "attack") if c in columns]
             idx = [columns.index(c) for c in keep]

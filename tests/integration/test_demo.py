@@ -42,6 +42,7 @@ def test_demo_summary_tells_the_story(demo_state, demo_classifier, tmp_path) -> 
         inside = [a for a in shift if phase["start_ms"] <= a["opened_ms"] <= phase["end_ms"] + 6000]
         assert len(inside) == 1 and inside[0]["model_id"] == phase["target"], (phase, shift)
     assert len(shift) == 2
+    assert all(a["window_id"] for a in shift), shift  # the window that opened each alert, for "which requests"
     assert "prober-0" in summary["throttled_clients"]
     assert summary["events_stored"] == summary["events_published"] > 5000
     assert summary["dashboard_url"].startswith("http://127.0.0.1:")
