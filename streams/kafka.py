@@ -13,7 +13,7 @@ TOPICS = ("predictions", "drift", "labels", "alerts", "actions", "dlq")
 def kafka_python_config(settings: Settings) -> dict[str, Any]:
     """Connection keyword arguments for kafka-python clients (security passes through)."""
     config: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap.split(","),
+        "bootstrap_servers": [b.strip() for b in settings.kafka_bootstrap.split(",") if b.strip()],
         "security_protocol": settings.kafka_security_protocol,
     }
     if settings.kafka_security_protocol.startswith("SASL"):
@@ -24,6 +24,17 @@ def kafka_python_config(settings: Settings) -> dict[str, Any]:
         )
     if "SSL" in settings.kafka_security_protocol and settings.kafka_ssl_cafile:
         config["ssl_cafile"] = settings.kafka_ssl_cafile
+    return config
+
+
+def aiokafka_config(settings: Settings) -> dict[str, Any]:
+    """The same connection settings for aiokafka clients, which take an SSL context, not a CA file."""
+    config = kafka_python_config(settings)
+    cafile = config.pop("ssl_cafile", None)
+    if "SSL" in settings.kafka_security_protocol:
+        import ssl
+
+        config["ssl_context"] = ssl.create_default_context(cafile=cafile)
     return config
 
 

@@ -47,6 +47,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.kafka import aiokafka_config
+
 log = logging.getLogger(__name__)
 
 #: Upper bound on one rebuild (all partitions); past it the stages go on with what they have.
@@ -70,23 +72,6 @@ class RecoveryStats:
     seconds: float = 0.0
     error: str = ""
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-
-def aiokafka_config(settings: Any) -> dict[str, Any]:
-    """Connection keyword arguments for aiokafka clients (security settings pass through)."""
-    config: dict[str, Any] = {
-        "bootstrap_servers": [b.strip() for b in settings.kafka_bootstrap.split(",") if b.strip()],
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if "SSL" in settings.kafka_security_protocol:
-        import ssl
-
-        config["ssl_context"] = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
-    if settings.kafka_security_protocol.startswith("SASL"):
-        config.update(sasl_mechanism=settings.kafka_sasl_mechanism,
-                      sasl_plain_username=settings.kafka_sasl_username,
-                      sasl_plain_password=settings.kafka_sasl_password)
-    return config
 
 
 # --------------------------------------------------------------------------- Kafka helpers

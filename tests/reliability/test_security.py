@@ -65,8 +65,7 @@ def test_kafka_sasl_ssl_settings_reach_every_kafka_client() -> None:
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
     from streams.app import faust_settings
-    from streams.kafka import kafka_python_config
-    from streams.recovery import aiokafka_config
+    from streams.kafka import aiokafka_config, kafka_python_config
 
     s = Settings(kafka_bootstrap="k1:9093,k2:9093", kafka_security_protocol="SASL_SSL",
                  kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="lw", kafka_sasl_password="s3cret-sasl",
