@@ -136,7 +136,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> tuple[faust
     if "sink" in agents:
         _add_results_sink(app, runtime)
 
-    from streams.web import register_views
+    from streams.web.views import register_views
 
     register_views(app, runtime)
     from streams import dashboard, detection

@@ -116,7 +116,7 @@ def _prepare(state_dir: Path, phases: str) -> None:
             with console.status(f"adversarial test set: {attack} on {name}"):
                 generate(models[name].module, split.x_test, split.y_test, attack, seed=0, state_dir=state_dir,
                          model_name=name)
-    from workers.classifier.cli import default_path, train
+    from workers.classifier.training import default_path, train
 
     if not default_path(state_dir).exists():
         console.print("training the attack classifier on the fast attacks (first run only; "

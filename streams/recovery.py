@@ -15,7 +15,7 @@ assigned to this worker:
 4. read [S, C) with a plain aiokafka consumer (``group_id=None``, manual ``assign``:
    Tansu serves one consumer group at a time), decode each record once (bad records are
    skipped: the old worker dead-lettered them), and feed the live batches to the
-   :class:`~streams.windows.WindowManager` only — not to the sink (those rows are in
+   :class:`~workers.windows.WindowManager` only — not to the sink (those rows are in
    ClickHouse already), the classifier or the probing detector.
 
 The drift stage holds its ``handle`` (``DriftStage.ready``) until the rebuild is done, so
@@ -326,7 +326,7 @@ class Recovery:
     # -- alerts
     async def _restore_alerts(self, consumer: Any, committed: dict[Any, int | None], stats: RecoveryStats) -> None:
         from schemas.codec import CodecError, decode
-        from streams.alerting import AlertEvent
+        from streams.alerts.rules import AlertEvent
 
         events: list[AlertEvent] = []
         try:

@@ -26,7 +26,7 @@ Three kinds of figure (matplotlib, Agg backend, no display needed):
     shows it).
 
 (c) ``attack_confusion.png`` — the attack classifier's confusion matrix: from
-    ``workers.classifier.cli.evaluate`` when it exists and runs on ``state_dir``, else from
+    ``workers.classifier.training.evaluate`` when it exists and runs on ``state_dir``, else from
     an evaluation JSON under ``<state_dir>/classifier/`` (any ``*.json`` holding a
     ``confusion`` entry), else skipped with a message.
 
@@ -395,7 +395,7 @@ def _pick(found: list[tuple[str, list[str], np.ndarray]]) -> tuple[str, list[str
 
 def _confusion_from_evaluate(state_dir: str | os.PathLike, echo: Echo) -> tuple[str, list[str], np.ndarray] | None:
     try:
-        from workers.classifier.cli import evaluate  # type: ignore[import-not-found]
+        from workers.classifier.training import evaluate  # type: ignore[import-not-found]
     except Exception:  # noqa: BLE001 - not written yet, or broken mid-edit
         return None
     import tempfile
@@ -414,17 +414,17 @@ def _confusion_from_evaluate(state_dir: str | os.PathLike, echo: Echo) -> tuple[
                     kwargs[name] = Path(scratch) / "confusion.png"
                 elif param.default is inspect.Parameter.empty and param.kind not in (
                         inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-                    echo(f"confusion matrix: workers.classifier.cli.evaluate needs {name!r}; "
+                    echo(f"confusion matrix: workers.classifier.training.evaluate needs {name!r}; "
                          "trying the evaluation JSON")
                     return None
             result = evaluate(**kwargs)
     except Exception as exc:  # noqa: BLE001 - no trained classifier, or another failure: fall back
-        echo(f"confusion matrix: workers.classifier.cli.evaluate failed ({type(exc).__name__}: {exc}); "
+        echo(f"confusion matrix: workers.classifier.training.evaluate failed ({type(exc).__name__}: {exc}); "
              "trying the evaluation JSON")
         return None
     got = _pick(_find_confusions(result if isinstance(result, Mapping) else {"result": result}))
     if got is None:
-        echo("confusion matrix: workers.classifier.cli.evaluate returned no confusion matrix")
+        echo("confusion matrix: workers.classifier.training.evaluate returned no confusion matrix")
     return got
 
 
@@ -457,7 +457,7 @@ def _confusion_figure(out: Path, state_dir: str | os.PathLike, source: str, conf
         got = _confusion_from_json(candidates)
     if got is None:
         echo("confusion matrix: skipped, no classifier evaluation found (train and evaluate the attack "
-             "classifier first; looked for workers.classifier.cli.evaluate and "
+             "classifier first; looked for workers.classifier.training.evaluate and "
              f"{confusion_json or Path(state_dir) / 'classifier' / '*.json'})")
         return []
     where, labels, m = got

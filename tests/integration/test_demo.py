@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="session")
 def demo_classifier(demo_state):
     """A small attack classifier in the session's state dir, so the demo does not train the full one."""
-    from workers.classifier.cli import default_path, train
+    from workers.classifier.training import default_path, train
 
     if not default_path(demo_state).exists():
         train(demo_state, attacks=["pgd", "fgsm"], n_inputs=200, progress=False)

@@ -19,9 +19,9 @@ import pytest
 
 from schemas import encode_batch
 from schemas.codec import Limits
-from streams.alerting import AlertEvent, AlertRules
+from streams.alerts.rules import AlertEvent, AlertRules
 from streams.settings import Settings
-from streams.windows import WindowManager
+from workers.windows import WindowManager
 from tests.reliability.synthetic import MODEL, Plan, make_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]

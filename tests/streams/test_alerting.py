@@ -6,9 +6,9 @@ import doctest
 
 import pytest
 
-import streams.alerting as A
+import streams.alerts.rules as A
 from schemas.codec import decode, encode
-from streams.alerting import AlertEvent, AlertRules
+from streams.alerts.rules import AlertEvent, AlertRules
 
 T0 = 1_732_622_405_000  # 2024-11-26 12:00:05 UTC
 

@@ -6,9 +6,9 @@ import doctest
 
 import numpy as np
 
-import streams.detection as detection
+import streams.stages.drift as detection
 from schemas.batch import LabelBatch
-from streams.detection import LabelTally, reference_arrays
+from streams.stages.drift import LabelTally, reference_arrays
 
 
 def test_docstring_examples_run() -> None:

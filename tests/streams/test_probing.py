@@ -7,8 +7,8 @@ import doctest
 import numpy as np
 import pytest
 
-import streams.probing as P
-from streams.probing import ProbingDetector
+import workers.probing as P
+from workers.probing import ProbingDetector
 
 DIM = 64
 

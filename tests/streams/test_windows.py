@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-import streams.windows as W
-from streams.windows import (
+import workers.windows as W
+from workers.windows import (
     ClosedWindow,
     Coalescer,
     Reservoir,

@@ -4,5 +4,5 @@
   attacked validation/test inputs, with labels; the leakage-free train/test split;
 - :mod:`workers.classifier.model`   — features, :class:`AttackClassifier` (three heads:
   adversarial, attack type, target model), skops persistence with an allow-list;
-- :mod:`workers.classifier.cli`     — ``train`` / ``evaluate`` for ``layerwatch classifier``.
+- :mod:`workers.classifier.training`     — ``train`` / ``evaluate`` for ``layerwatch classifier``.
 """

@@ -41,7 +41,7 @@ def small_dataset(small_state: Path):
 @pytest.fixture(scope="session")
 def trained(small_state: Path) -> Path:
     """The classifier trained by cli.train on the small data set; returns its .skops path."""
-    from workers.classifier.cli import train
+    from workers.classifier.training import train
 
     return train(small_state, seed=0, model_kind="rf", progress=False, models=MODELS, attacks=ATTACKS,
                  n_inputs=N_INPUTS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from workers.classifier.cli import evaluate
+from workers.classifier.training import evaluate
 
 
 def _fractions(report: dict) -> list[float]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from schemas.batch import PredictionBatch
 from schemas.codec import decode, labels_from_record
-from streams.classify import ClassifyStage, encoded_labels
+from streams.stages.classify import ClassifyStage, encoded_labels
 from streams.rows import Delivered
 from workers.classifier.model import AttackClassifier
 
@@ -69,7 +69,7 @@ def test_stage_waits_for_a_classifier_then_labels_live_batches(trained, small_da
     reference = Delivered(_batch("cnn", small_dataset.outputs[:4], role="reference"), "lw.predictions", 0, 2)
 
     async def run() -> None:
-        with caplog.at_level(logging.WARNING, logger="streams.classify"):
+        with caplog.at_level(logging.WARNING, logger="streams.stages.classify"):
             await stage.handle([live])
             stage._next_check = 0.0  # as if 60 s had passed
             await stage.handle([live])

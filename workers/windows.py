@@ -331,7 +331,7 @@ def merge_windows(a: ClosedWindow, b: ClosedWindow, capacity: int | None = None,
     The id is derived from the merged span, so it is as deterministic as the inputs.
 
     Example:
-        >>> from streams.windows import ClosedWindow, merge_windows
+        >>> from workers.windows import ClosedWindow, merge_windows
         >>> def w(s, ids):
         ...     n = len(ids)
         ...     return ClosedWindow(window_id("m", "1", s, s + 10), "m", "1", s, s + 10, n, np.array(ids, object),

@@ -26,10 +26,10 @@ import numpy as np
 
 from schemas.batch import COMBINED, PENULTIMATE, LabelBatch
 from schemas.codec import CodecError, decode, encode, labels_from_record
-from streams.alerting import AlertEvent, AlertRules
-from streams.probing import ProbingDetector
+from streams.alerts.rules import AlertEvent, AlertRules
+from workers.probing import ProbingDetector
 from streams.rows import Delivered, now_ms
-from streams.windows import ClosedWindow, Coalescer, WindowManager
+from workers.windows import ClosedWindow, Coalescer, WindowManager
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def install(app: faust.App, runtime: Any) -> None:
             drift.close_idle()
 
     if "classify" in agents:
-        from streams.classify import ClassifyStage
+        from streams.stages.classify import ClassifyStage
 
         runtime.stages.append(ClassifyStage(runtime))
 

@@ -530,7 +530,7 @@ def register_dashboard_views(app: Any, runtime: Any) -> None:
     from faust.web import Request, Response, View
 
     from streams.store import StoreError
-    from streams.web import authorized
+    from streams.web.views import authorized
 
     settings = runtime.settings
     token = settings.web_token

@@ -45,7 +45,7 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import parse_agents
-    from streams.worker import run_worker
+    from streams.process import run_worker
 
     try:
         parse_agents(args.agents or settings.agents)
