@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas import PredictionBatch, encode_batch
-from streams.stack import LocalStack, http_json
+from streams.client import http_json
+from streams.stack import LocalStack
 
 MODEL = "soak"
 

@@ -12,65 +12,29 @@ exactly-once rows.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import faust
 
-from schemas.codec import CodecError, Limits, decode, labels_from_record
+from schemas.codec import CodecError, decode, labels_from_record
 from streams import rows as R
-from streams.ingest import MAX_DEAD_LETTER_BYTES, decode_records, encode_dead_letter
-from streams.metrics import Metrics
+from streams.alerts.feed import AlertFeed
+from streams.ingest import MAX_DEAD_LETTER_BYTES, dead_letter, decode_records
+from streams.kafka import faust_credentials
+from streams.pipeline import StagePipeline
+from streams.runtime import Runtime
 from streams.settings import Settings
 from streams.store import Store, open_store_from_settings
-from streams.writer import StoreWriter
+from streams.web import register_views
+from streams.writer import RowsRejected
 
 log = logging.getLogger(__name__)
-
-AGENTS = ("sink", "drift", "classify", "probing", "alerts")
 
 DRIFT_COLUMNS = (
     "window_id", "model_id", "model_version", "layer", "window_start_ms", "window_end_ms", "n_reference",
     "n_window", "mmd2", "p_value", "detection_rate", "alpha", "bandwidth", "n_permutations", "compute_ms", "device",
 )
-
-
-class Stage(Protocol):
-    """A consumer of decoded prediction batches inside the ingest agent."""
-
-    async def handle(self, items: Sequence[R.Delivered]) -> None: ...
-
-
-@dataclass
-class Runtime:
-    """What the agents of one worker process share."""
-
-    settings: Settings
-    store: Store
-    writer: StoreWriter
-    metrics: Metrics
-    limits: Limits
-    agents: frozenset[str]
-    stages: list[Stage] = field(default_factory=list)
-    topics: dict[str, Any] = field(default_factory=dict)
-    stage_failure: str = ""  # the last detection stage failure, until a later step's stages succeed
-
-    def health(self) -> dict[str, Any]:
-        reason = self.writer.degraded_reason or self.stage_failure
-        return {"status": "degraded" if reason else "ok", "reason": reason, "agents": sorted(self.agents)}
-
-
-def parse_agents(spec: str) -> frozenset[str]:
-    """'all' or a comma list of agent names; unknown names are an error naming them."""
-    names = {a.strip() for a in spec.split(",") if a.strip()}
-    if not names or names == {"all"}:
-        return frozenset(AGENTS)
-    unknown = sorted(names - set(AGENTS))
-    if unknown:
-        raise ValueError(f"unknown agent(s) {', '.join(unknown)}; choose from {', '.join(AGENTS)}")
-    return frozenset(names)
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:
@@ -96,141 +60,80 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         autodiscover=False,
         topic_disable_leader=True,
     )
-    if settings.kafka_security_protocol != "PLAINTEXT":
-        import ssl
-
-        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
-        if settings.kafka_security_protocol.startswith("SASL"):
-            config["broker_credentials"] = faust.SASLCredentials(
-                username=settings.kafka_sasl_username,
-                password=settings.kafka_sasl_password,
-                ssl_context=context if "SSL" in settings.kafka_security_protocol else None,
-                mechanism=settings.kafka_sasl_mechanism,
-            )
-        else:
-            config["broker_credentials"] = context
+    credentials = faust_credentials(settings)
+    if credentials is not None:
+        config["broker_credentials"] = credentials
     return config
 
 
 def create_app(settings: Settings, *, store: Store | None = None) -> tuple[faust.App, Runtime]:
     """Build the Faust app and its runtime (the store is opened and migrated here)."""
-    agents = parse_agents(settings.agents)
     app = faust.App(settings.app_id, **faust_settings(settings))
     store = store or open_store_from_settings(settings)
     store.migrate()
-    metrics = Metrics()
-    runtime = Runtime(
-        settings=settings,
-        store=store,
-        writer=StoreWriter(store, metrics),
-        metrics=metrics,
-        limits=Limits(max_record_bytes=settings.max_record_bytes, max_rows=settings.max_batch_rows, max_dim=settings.max_dim),
-        agents=agents,
-    )
-    t = runtime.topics
-    for name in ("predictions", "drift", "labels", "alerts", "actions", "dlq"):
-        t[name] = app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw",
-                            partitions=settings.topic_partitions)
-
+    runtime = Runtime.create(app, settings, store)
     _add_ingest_agent(app, runtime)
-    if "sink" in agents:
+    if "sink" in runtime.agents:
         _add_results_sink(app, runtime)
-
-    from streams.web.views import register_views
-
+    if "alerts" in runtime.agents:
+        _add_alerts_agent(app, runtime)
+    _add_lifecycle(app, runtime)
     register_views(app, runtime)
-    from streams import dashboard, detection
-
-    dashboard.install(app, runtime)
-    detection.install(app, runtime)
     return app, runtime
+
+
+def _add_lifecycle(app: faust.App, runtime: Runtime) -> None:
+    """Start the stages with the app, stop them before it shuts down; recovery follows partition assignments."""
+
+    @app.task
+    async def start_stages() -> None:
+        await runtime.start()
+
+    @app.on_before_shutdown.connect
+    async def stop_stages(sender: Any, **_: Any) -> None:
+        await runtime.stop()
+
+    assert runtime.recovery is not None
+    app.on_partitions_assigned.connect(runtime.recovery.on_assigned)
+    app.on_partitions_revoked.connect(runtime.recovery.on_revoked)
 
 
 def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
     settings, metrics = runtime.settings, runtime.metrics
-    dlq = runtime.topics["dlq"]
 
-    @app.agent(runtime.topics["predictions"], name="layerwatch.ingest")
+    @app.agent(runtime.topics.predictions, name="layerwatch.ingest")
     async def ingest(stream: faust.StreamT) -> None:
         pipeline = StagePipeline(runtime)
         known_models = settings.known_models
-        async for events in stream.take_events(settings.sink_batch_records, within=settings.sink_within_s):
-            raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events]
-            good, dead = decode_records(raw, runtime.limits, known_models)
-            for record in dead:
-                log.warning("dead letter %s:%s:%s: %s", record["topic"], record["partition"], record["offset"], record["reason"])
-                metrics.dlq.labels(record["topic"]).inc()
-                await dlq.send(key=f"{record['topic']}:{record['partition']}:{record['offset']}".encode(),
-                               value=encode_dead_letter(record))
-            for d in good:
-                metrics.records.labels(d.topic).inc()
-                metrics.events.labels(d.batch.model_id, d.batch.role).inc(d.batch.n)
-            if "sink" in runtime.agents and good:
-                live = [d for d in good if d.batch.role == "live"]
-                reference = [d for d in good if d.batch.role == "reference"]
-                await runtime.writer.write("predictions", R.prediction_rows(good))
-                await runtime.writer.write("predictions_inputs", R.input_rows(live))
-                await runtime.writer.write("reference_embeddings", R.reference_rows(reference))
-            await pipeline.submit(events, good)
-
-
-class StagePipeline:
-    """Runs one step's stages while the ingest agent takes, decodes and writes the next step.
-
-    The stages of a step run after the sink wrote it and after the previous step's stages
-    finished, so every stage sees the batches in order; meanwhile the event loop is free to
-    decode and write the next step (the stages' heavy work runs in threads). A step's
-    records are acked only when its stages are done (each record's reference is held until
-    then), so a crash replays them. A stage failure is logged at once and raised by the
-    next ``submit`` (Faust then restarts the agent, which replays the records); until a
-    later step's stages succeed, the runtime's health reads "degraded" with the reason.
-    """
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-        self._task: asyncio.Future | None = None
-
-    async def submit(self, events: Sequence[Any], good: Sequence[R.Delivered]) -> None:
-        """Start the stages of one step (whose sink writes are done); waits for the previous step."""
-        await self.wait()
-        if not self.runtime.stages or not good:
-            return
-        for event in events:
-            event.message.incref()  # released in _run: Faust acks the record when both let go
-        self._task = asyncio.ensure_future(self._run(events, good))
-        self._task.add_done_callback(self._done)
-
-    async def wait(self) -> None:
-        """Wait for the step in flight, raising its failure."""
-        task, self._task = self._task, None
-        if task is not None:
-            await task
-
-    async def _run(self, events: Sequence[Any], good: Sequence[R.Delivered]) -> None:
         try:
-            await _run_stages(self.runtime.stages, good)
-        finally:
-            for event in events:
-                event.ack()
+            async for events in stream.take_events(settings.sink_batch_records, within=settings.sink_within_s):
+                raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events]
+                good, dead = decode_records(raw, runtime.limits, known_models)
+                for record in dead:
+                    await runtime.dead_letter(record)
+                for d in good:
+                    metrics.records.labels(d.topic).inc()
+                    metrics.events.labels(d.batch.model_id, d.batch.role).inc(d.batch.n)
+                if "sink" in runtime.agents and good:
+                    try:
+                        await _write_step(runtime, good)
+                    except RowsRejected as exc:
+                        for value, topic, partition, offset in raw:
+                            await runtime.dead_letter(dead_letter(value, str(exc), topic, partition, offset))
+                        continue
+                await pipeline.submit(events, good)
+                runtime.health_board.clear("ingest")
+        except Exception as exc:
+            runtime.health_board.fail("ingest", f"ingest agent crashed: {exc!r}")
+            raise
 
-    def _done(self, task: asyncio.Future) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("a detection stage failed", exc_info=exc)
-        self.runtime.stage_failure = "" if exc is None else f"detection stage failed: {exc!r}"[:300]
 
-
-async def _run_stages(stages: Sequence[Stage], good: Sequence[R.Delivered]) -> None:
-    """Hand the decoded batches to every stage at once, after the sink wrote them (the drift stage
-    reads the reference back from the store): the classifier and probing work in their threads
-    while the windows run on the loop. Returns when all are done (the records are acked after
-    that); the first failure is raised then."""
-    results = await asyncio.gather(*(stage.handle(good) for stage in stages), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+async def _write_step(runtime: Runtime, good: Sequence[R.Delivered]) -> None:
+    live = [d for d in good if d.batch.role == "live"]
+    reference = [d for d in good if d.batch.role == "reference"]
+    await runtime.writer.write("predictions", R.prediction_rows(good))
+    await runtime.writer.write("predictions_inputs", R.input_rows(live))
+    await runtime.writer.write("reference_embeddings", R.reference_rows(reference))
 
 
 def result_rows(records: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -276,20 +179,60 @@ def result_rows(records: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict
     return out
 
 
+def _decoded(runtime: Runtime, events: Sequence[Any]) -> tuple[list[tuple[str, dict[str, Any]]], list[dict]]:
+    """The result records of ``events``, and dead letters for those that do not decode."""
+    decoded, dead = [], []
+    for e in events:
+        m = e.message
+        try:
+            decoded.append(decode(m.value or b""))
+        except CodecError as exc:
+            dead.append(dead_letter(m.value, str(exc), m.topic, m.partition, m.offset))
+    return decoded, dead
+
+
 def _add_results_sink(app: faust.App, runtime: Runtime) -> None:
     t = runtime.topics
-    topics = app.topic(*(t[n].get_topic_name() for n in ("drift", "labels", "alerts", "dlq")),
+    dlq_name = t.dlq.get_topic_name()
+    topics = app.topic(*(topic.get_topic_name() for topic in (t.drift, t.labels, t.alerts, t.dlq)),
                        key_serializer="raw", value_serializer="raw")
 
     @app.agent(topics, name="layerwatch.results_sink")
     async def results_sink(stream: faust.StreamT) -> None:
         async for events in stream.take_events(256, within=0.5):
-            decoded = []
-            for e in events:
-                try:
-                    decoded.append(decode(e.message.value or b""))
-                except CodecError as exc:  # results topics are ours; a foreign record is logged, not looped
-                    log.warning("skipping undecodable record on %s:%s:%s: %s",
-                                e.message.topic, e.message.partition, e.message.offset, exc)
-            for table, columns in result_rows(decoded).items():
-                await runtime.writer.write(table, columns)
+            decoded, dead = _decoded(runtime, events)
+            for record in dead:
+                if record["topic"] == dlq_name:  # a dead letter of the dead-letter topic would loop
+                    log.warning("undecodable record on %s:%s:%s skipped: %s", record["topic"], record["partition"],
+                                record["offset"], record["reason"])
+                    runtime.metrics.dlq.labels(record["topic"]).inc()
+                else:
+                    await runtime.dead_letter(record)
+            rows = result_rows(decoded)
+            try:
+                for table, columns in rows.items():
+                    await runtime.writer.write(table, columns)
+            except RowsRejected as exc:
+                for e in events:
+                    m = e.message
+                    if m.topic != dlq_name:
+                        await runtime.dead_letter(dead_letter(m.value, str(exc), m.topic, m.partition, m.offset))
+
+
+def _add_alerts_agent(app: faust.App, runtime: Runtime) -> None:
+    """Feeds the combined drift rows and the classifier's labels to the alert rules."""
+    assert runtime.alerts is not None
+    hub = runtime.alerts
+    feed = AlertFeed(hub, label_bucket_ms=int(runtime.settings.window_size_s * 1000))
+    topics = app.topic(runtime.topics.drift.get_topic_name(), runtime.topics.labels.get_topic_name(),
+                       key_serializer="raw", value_serializer="raw")
+
+    @app.agent(topics, name="layerwatch.alerts")
+    async def alerts(stream: faust.StreamT) -> None:
+        async for value in stream:
+            await hub.ready.wait()
+            try:
+                name, record = decode(value or b"")
+            except CodecError:  # the results sink dead-letters it (same topic, partition and offset)
+                continue
+            await feed.handle(name, record)

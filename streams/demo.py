@@ -26,7 +26,9 @@ from rich.table import Table
 
 from streams.broker import free_port
 from streams.settings import Settings
-from streams.stack import LocalStack, StackError, http_json, wait_for
+from streams.client import WorkerClient, http_json
+from streams.stack import LocalStack, StackError, wait_for
+from streams.store import statements as Q
 
 console = Console()
 
@@ -81,26 +83,6 @@ class DemoState:
     phase: str = "starting"
 
 
-class WorkerAPI:
-    def __init__(self, url: str, token: str = ""):
-        self.url, self.token = url, token
-
-    def rows(self, sql: str, **params: Any) -> list[list]:
-        status, body = http_json(f"{self.url}/api/query", {"sql": sql, "params": params}, token=self.token, timeout=30)
-        if status != 200:
-            raise StackError(f"worker query failed ({status}): {body.get('error', body)}")
-        return body["rows"]
-
-    def shipped(self, name: str, **params: Any) -> tuple[list[str], list[list]]:
-        from streams.store.queries import prepare_shipped
-
-        sql, values = prepare_shipped(name, params)
-        status, body = http_json(f"{self.url}/api/query", {"sql": sql, "params": values}, token=self.token, timeout=30)
-        if status != 200:
-            raise StackError(f"worker query failed ({status}): {body.get('error', body)}")
-        return body["columns"], body["rows"]
-
-
 def _prepare(state_dir: Path, phases: str) -> None:
     """Models, attack sets and the classifier, trained once and cached (progress bars on first run)."""
     from workers.attacks import generate
@@ -145,17 +127,11 @@ def _live_view(state: DemoState) -> Group:
     return Group(windows, labels, alerts)
 
 
-def _refresh(api: WorkerAPI, state: DemoState) -> None:
-    state.windows = api.rows(
-        "SELECT model_id, window_end_ms, n_window, detection_rate, p_value FROM drift_windows FINAL "
-        "WHERE layer = 'penultimate' ORDER BY window_end_ms DESC, model_id LIMIT 8")[::-1]
+def _refresh(api: WorkerClient, state: DemoState) -> None:
+    state.windows = api.rows(Q.DEMO_RECENT_WINDOWS)[::-1]
     since = int(time.time() * 1000) - 10_000
-    state.labels = api.rows(
-        "SELECT model_id, attack_type, count() AS n, any(target_model) FROM attack_labels FINAL "
-        "WHERE ts_ms >= {since} GROUP BY model_id, attack_type ORDER BY model_id, n DESC", since=since)
-    state.alerts = api.rows(
-        "SELECT kind, model_id, client_id, min(ts_ms) FROM alerts FINAL GROUP BY alert_id, kind, model_id, client_id "
-        "HAVING countIf(state = 'resolved') = 0 ORDER BY min(ts_ms)")
+    state.labels = api.rows(Q.DEMO_LABEL_MIX, since=since)
+    state.alerts = api.rows(Q.DEMO_OPEN_ALERTS)
 
 
 def phase_figures(windows: np.ndarray, models: list[str], phase: dict[str, Any]) -> dict[str, Any]:
@@ -197,12 +173,12 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
             server_url = f"http://127.0.0.1:{server_port}"
             wait_for(lambda: http_json(f"{server_url}/health", timeout=1.0)[0] == 200, 120, "the model server",
                      alive=server.check)
-        api = WorkerAPI(worker_url, token)
+        api = WorkerClient(worker_url, token)
         console.print(f"broker [bold]{bootstrap}[/]  worker [bold]{worker_url}[/]  model server [bold]{server_url}[/]")
         console.print(f"dashboard: [bold underline]{worker_url}/{'#token=' + token if token else ''}[/]")
         counts = publish_reference(bootstrap, state_dir, topic=settings.topic("predictions"), progress=True)
         expected = sum(counts.values())
-        wait_for(lambda: api.rows("SELECT count() FROM reference_embeddings FINAL")[0][0] >= expected, 60,
+        wait_for(lambda: api.rows(Q.DEMO_REFERENCE_ROWS)[0][0] >= expected, 60,
                  "the reference in ClickHouse")
         models = sorted(counts)
 
@@ -231,7 +207,7 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
                 raise StackError(f"traffic simulation failed: {result['error']}")
             report = result["report"]
             last_end = max(p["end_ms"] for p in report.phases)
-            wait_for(lambda: (api.rows("SELECT max(window_end_ms) FROM drift_windows")[0][0] or 0) >= last_end,
+            wait_for(lambda: (api.rows(Q.DEMO_LAST_WINDOW_END)[0][0] or 0) >= last_end,
                      timeout=30, message="the last windows")
             _refresh(api, view)
             live.update(_live_view(view))
@@ -252,16 +228,12 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
     return 0
 
 
-def _summary(api: WorkerAPI, report: Any, models: list[str], counts: dict[str, int], url: str,
+def _summary(api: WorkerClient, report: Any, models: list[str], counts: dict[str, int], url: str,
              server_url: str) -> dict[str, Any]:
-    rows = api.rows("SELECT model_id, window_start_ms, window_end_ms, detection_rate FROM drift_windows FINAL "
-                    "WHERE layer = 'penultimate' ORDER BY window_end_ms")
+    rows = api.rows(Q.DEMO_WINDOWS)
     windows = np.array([tuple(r) for r in rows], dtype=[("model", "U64"), ("start", "i8"), ("end", "i8"), ("rate", "f8")])
-    alerts = api.rows(
-        "SELECT kind, model_id, client_id, minIf(ts_ms, state = 'open') AS opened, maxIf(ts_ms, state = 'resolved'), "
-        "anyIf(window_id, state = 'open') FROM alerts FINAL GROUP BY alert_id, kind, model_id, client_id ORDER BY opened")
-    stored = api.rows("SELECT uniqExact(event_id) FROM predictions WHERE ts_ms >= {since}",
-                      since=min(p["start_ms"] for p in report.phases))[0][0]
+    alerts = api.rows(Q.DEMO_ALERTS)
+    stored = api.rows(Q.DEMO_EVENTS_SINCE, since=min(p["start_ms"] for p in report.phases))[0][0]
     _, server_health = http_json(f"{server_url}/health", timeout=5)
     restricted = sorted(server_health.get("restricted_clients", {}))
     probing = sorted({a[2] for a in alerts if a[0] == "probing"})
@@ -278,7 +250,7 @@ def _summary(api: WorkerAPI, report: Any, models: list[str], counts: dict[str, i
     }
 
 
-def _print_answers(api: WorkerAPI, summary: dict[str, Any]) -> None:
+def _print_answers(api: WorkerClient, summary: dict[str, Any]) -> None:
     from streams.query import format_result
 
     console.rule("what ClickHouse says")

@@ -6,7 +6,7 @@ from typing import Any
 
 from streams.settings import Settings
 
-# short name -> (partition count key, cleanup) ; partitions of the high-volume topics follow settings
+#: every topic layerwatch uses, by short name (full name: ``settings.topic(name)``)
 TOPICS = ("predictions", "drift", "labels", "alerts", "actions", "dlq")
 
 
@@ -36,6 +36,19 @@ def aiokafka_config(settings: Settings) -> dict[str, Any]:
 
         config["ssl_context"] = ssl.create_default_context(cafile=cafile)
     return config
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """Faust's ``broker_credentials`` for the same settings (None for PLAINTEXT)."""
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return None
+    import faust
+
+    context = aiokafka_config(settings).get("ssl_context")
+    if settings.kafka_security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=settings.kafka_sasl_username, password=settings.kafka_sasl_password,
+                                     ssl_context=context, mechanism=settings.kafka_sasl_mechanism)
+    return context
 
 
 def ensure_topics(settings: Settings) -> list[str]:

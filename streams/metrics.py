@@ -22,6 +22,10 @@ class Metrics:
         self.dlq = Counter("layerwatch_dead_letters_total", "Records sent to the dead-letter topic", ["topic"], registry=r)
         self.rows = Counter("layerwatch_rows_written_total", "Rows written to ClickHouse", ["table"], registry=r)
         self.store_errors = Counter("layerwatch_store_errors_total", "Failed store writes (retried)", registry=r)
+        self.rows_rejected = Counter("layerwatch_rows_rejected_total",
+                                     "Rows the store refused (their records were dead-lettered)", ["table"], registry=r)
+        self.stage_retries = Counter("layerwatch_stage_retries_total", "Ingest steps retried after a stage failed",
+                                     ["stage"], registry=r)
         self.store_up = Gauge("layerwatch_store_up", "1 when the last store write succeeded", registry=r)
         self.detection_rate = Gauge(
             "layerwatch_detection_rate", "LADIS detection rate of the last window", ["model_id", "layer"], registry=r

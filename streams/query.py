@@ -5,27 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
+from streams.client import WorkerClient
 from streams.settings import Settings
-from streams.store import StoreError
-
-
-def worker_url(settings: Settings) -> str:
-    return f"http://{settings.web_host}:{settings.web_port}"
-
-
-def worker_answers(settings: Settings, timeout: float = 1.0) -> bool:
-    """True when a layerwatch worker answers /health on the configured web port."""
-    try:
-        with urllib.request.urlopen(f"{worker_url(settings)}/health", timeout=timeout) as resp:
-            return "status" in json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:  # 503 = degraded, still a worker
-        return exc.code == 503
-    except (OSError, ValueError):
-        return False
 
 
 def resolve_sql(sql: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -40,8 +23,9 @@ def resolve_sql(sql: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def run_query(settings: Settings, sql: str, params: dict[str, Any] | None = None) -> tuple[list[str], list[list]]:
     """Column names and rows of a read-only query against the configured store."""
     sql, params = resolve_sql(sql, params or {})
-    if settings.clickhouse_url.startswith("chdb://") and worker_answers(settings):
-        return _query_worker(settings, sql, params)
+    worker = WorkerClient.from_settings(settings)
+    if settings.clickhouse_url.startswith("chdb://") and worker.answers():
+        return worker.query(sql, params)
     from streams.store import open_store_from_settings
     from streams.writer import jsonable
 
@@ -51,21 +35,6 @@ def run_query(settings: Settings, sql: str, params: dict[str, Any] | None = None
     finally:
         store.close()
     return list(names), [[jsonable(v) for v in row] for row in rows]
-
-
-def _query_worker(settings: Settings, sql: str, params: dict[str, Any]) -> tuple[list[str], list[list]]:
-    body = json.dumps({"sql": sql, "params": params}).encode()
-    request = urllib.request.Request(f"{worker_url(settings)}/api/query", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-    if settings.web_token:
-        request.add_header("Authorization", f"Bearer {settings.web_token}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            result = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        detail = json.loads(exc.read() or b"{}").get("error", exc.reason)
-        raise StoreError(f"query refused by the worker ({exc.code}): {detail}") from None
-    return result["columns"], result["rows"]
 
 
 def format_result(names: list[str], rows: list[list], fmt: str = "table") -> str:

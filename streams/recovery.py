@@ -18,7 +18,7 @@ assigned to this worker:
    :class:`~workers.windows.WindowManager` only — not to the sink (those rows are in
    ClickHouse already), the classifier or the probing detector.
 
-The drift stage holds its ``handle`` (``DriftStage.ready``) until the rebuild is done, so
+The drift stage holds its ``handle`` (``DriftStage.pause``) until the rebuild is done, so
 events of the replay never run ahead of the older ones and the windows see every event
 exactly once. Windows that *close* while the history is fed were closed (and handed to
 the test loop) by the old worker as well: they are tested again only when their result
@@ -45,9 +45,14 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from streams.alerts.rules import AlertEvent
 from streams.kafka import aiokafka_config
+from streams.store import statements as Q
+
+if TYPE_CHECKING:
+    from streams.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +142,19 @@ async def start_offset(consumer: Any, tp: Any, target_ts: int, lo: int, hi: int)
 
 
 class Recovery:
-    """Rebuilds the drift windows of newly assigned partitions and restores open alerts (see the module doc)."""
+    """Rebuilds the drift windows of newly assigned partitions and restores open alerts (see the module doc).
 
-    def __init__(self, app: Any, runtime: Any, drift: Any | None, hub: Any | None):
-        self.app, self.runtime, self.drift, self.hub = app, runtime, drift, hub
+    It talks to the drift stage and the alert hub through their public methods only:
+    ``pause``/``resume`` hold their input while the state is rebuilt, ``replay`` feeds a
+    processed batch into the windows, ``enqueue`` queues windows for testing,
+    ``drop_partitions`` forgets the windows of revoked partitions, ``restore`` replays
+    alert transitions.
+    """
+
+    def __init__(self, runtime: "Runtime"):
+        self.runtime = runtime
+        self.drift = runtime.drift
+        self.hub = runtime.alerts if "alerts" in runtime.agents else None
         self.settings = runtime.settings
         self.topic = self.settings.topic("predictions")
         self.alerts_topic = self.settings.topic("alerts")
@@ -162,10 +176,10 @@ class Recovery:
         if (not new or self.drift is None) and not restore_alerts:
             return
         if self.drift is not None and new:
-            self.drift.ready.clear()  # closed before any record of the new partitions reaches the stage
+            self.drift.pause()  # before any record of the new partitions reaches the stage
         if restore_alerts:
             self.alerts_restored = True
-            self.hub.ready.clear()
+            self.hub.pause()
         async def offsets_now() -> tuple[list[Any], dict[Any, int | None]]:
             alert_tps = await self._alert_partitions() if restore_alerts else []
             tps = [*(new if self.drift else ()), *alert_tps]
@@ -185,9 +199,15 @@ class Recovery:
         task.add_done_callback(self._done)
 
     async def on_revoked(self, sender: Any = None, revoked: Iterable[Any] = (), **_: Any) -> None:
+        """Partitions revoked: forget them and the windows fed only by them (another worker rebuilds those)."""
         from aiokafka import TopicPartition
 
-        self.assigned -= {TopicPartition(tp.topic, tp.partition) for tp in revoked}
+        gone = {TopicPartition(tp.topic, tp.partition) for tp in revoked if tp.topic == self.topic}
+        self.assigned -= gone
+        if self.drift is not None and gone:
+            dropped = self.drift.drop_partitions({tp.partition for tp in gone})
+            if dropped:
+                log.info("dropped the windows of %d model version(s) of revoked partitions", dropped)
 
     def _done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
@@ -196,9 +216,9 @@ class Recovery:
 
     def _open_gates(self) -> None:
         if self.drift is not None:
-            self.drift.ready.set()
+            self.drift.resume()
         if self.hub is not None:
-            self.hub.ready.set()
+            self.hub.resume()
 
     async def _alert_partitions(self) -> list[Any]:
         from aiokafka import TopicPartition
@@ -262,8 +282,8 @@ class Recovery:
         from streams.ingest import decode_records
 
         s = self.settings
-        wm = self.drift.windows
-        horizon_ms = int(round((s.window_size_s + s.window_step_s) * 1000)) + wm.lateness_ms
+        drift = self.drift
+        horizon_ms = int(round((s.window_size_s + s.window_step_s) * 1000)) + drift.lateness_ms
         closed: list[Any] = []
         first_ts: dict[tuple[str, str], int] = {}
         known = s.known_models
@@ -298,9 +318,9 @@ class Recovery:
                     t0 = int(b.ts_ms.min())
                     first_ts[key] = min(first_ts.get(key, t0), t0)
                     stats.events += b.n
-                    closed.extend(wm.add(key, b.ts_ms, b.event_ids, b.predicted, b.layers))
+                    closed.extend(drift.replay(b, d.partition))
                 await asyncio.sleep(0)  # keep the loop (heartbeats, web) responsive
-        stats.windows_open = sum(len(wm.open_windows(k)) for k in wm.keys())
+        stats.windows_open = drift.open_windows()
         await self._requeue(closed, first_ts, stats)
 
     async def _requeue(self, closed: list[Any], first_ts: dict[tuple[str, str], int], stats: RecoveryStats) -> None:
@@ -311,9 +331,7 @@ class Recovery:
             return
         stored: set[str] = set()
         try:
-            rows = await self.runtime.writer.query(
-                "SELECT DISTINCT window_id FROM drift_windows WHERE window_id IN {ids}",
-                {"ids": [w.window_id for w in covered]})
+            rows = await self.runtime.writer.query(Q.STORED_WINDOW_IDS, {"ids": [w.window_id for w in covered]})
             stored = {r[0] for r in rows}
         except Exception as exc:  # noqa: BLE001 - store down: test them all (same ids collapse)
             log.warning("window recovery: cannot check drift_windows (%s); re-testing %d window(s)", exc, len(covered))
@@ -326,14 +344,10 @@ class Recovery:
     # -- alerts
     async def _restore_alerts(self, consumer: Any, committed: dict[Any, int | None], stats: RecoveryStats) -> None:
         from schemas.codec import CodecError, decode
-        from streams.alerts.rules import AlertEvent
 
         events: list[AlertEvent] = []
         try:
-            rows = await self.runtime.writer.query(
-                "SELECT alert_id, ts_ms, model_id, kind, severity, window_id, event_ids, client_id, message "
-                "FROM alerts FINAL WHERE state = 'open' AND alert_id NOT IN "
-                "(SELECT alert_id FROM alerts FINAL WHERE state = 'resolved') ORDER BY ts_ms")
+            rows = await self.runtime.writer.query(Q.OPEN_ALERTS)
             events += [AlertEvent(r[0], int(r[1]), r[2], r[3], "open", r[4], window_id=r[5],
                                   event_ids=tuple(r[6]), client_id=r[7], message=r[8]) for r in rows]
         except Exception as exc:  # noqa: BLE001 - the store may be down; the topic tail still helps
@@ -353,19 +367,6 @@ class Recovery:
                             _, rec = decode(r.value or b"", expect="Alert")
                         except CodecError:
                             continue
-                        tail.append((rec["ts_ms"], AlertEvent(
-                            rec["alert_id"], rec["ts_ms"], rec["model_id"], rec["kind"], rec["state"], rec["severity"],
-                            window_id=rec["window_id"], event_ids=tuple(rec["event_ids"]), client_id=rec["client_id"],
-                            message=rec["message"])))
+                        tail.append((rec["ts_ms"], AlertEvent.from_record(rec)))
         events += [e for _, e in sorted(tail, key=lambda t: t[0])]
-        stats.alerts_restored = self.hub.rules.restore(events)
-
-
-def install(app: Any, runtime: Any) -> Recovery:
-    """Connect the rebuild to Faust's partition-assignment signals (call after the stages exist)."""
-    recovery = Recovery(app, runtime, getattr(runtime, "drift", None), getattr(runtime, "alert_hub", None)
-                        if "alerts" in runtime.agents else None)
-    runtime.recovery = recovery
-    app.on_partitions_assigned.connect(recovery.on_assigned)
-    app.on_partitions_revoked.connect(recovery.on_revoked)
-    return recovery
+        stats.alerts_restored = self.hub.restore(events)

@@ -26,7 +26,7 @@ Three kinds of figure (matplotlib, Agg backend, no display needed):
     shows it).
 
 (c) ``attack_confusion.png`` — the attack classifier's confusion matrix: from
-    ``workers.classifier.training.evaluate`` when it exists and runs on ``state_dir``, else from
+    ``workers.classifier.training.evaluate`` on ``state_dir``, else from
     an evaluation JSON under ``<state_dir>/classifier/`` (any ``*.json`` holding a
     ``confusion`` entry), else skipped with a message.
 
@@ -37,7 +37,6 @@ exception, so a partly filled store still gives the figures it can.
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import json
 import os
 import re
@@ -394,37 +393,24 @@ def _pick(found: list[tuple[str, list[str], np.ndarray]]) -> tuple[str, list[str
 
 
 def _confusion_from_evaluate(state_dir: str | os.PathLike, echo: Echo) -> tuple[str, list[str], np.ndarray] | None:
-    try:
-        from workers.classifier.training import evaluate  # type: ignore[import-not-found]
-    except Exception:  # noqa: BLE001 - not written yet, or broken mid-edit
-        return None
+    """The confusion matrix of ``layerwatch classifier eval`` on the held-out split (None when there is none)."""
     import tempfile
 
-    kwargs: dict[str, Any] = {}
+    from workers.classifier.training import evaluate
+
     try:
-        with tempfile.TemporaryDirectory(prefix="lw-report-") as scratch:
-            for name, param in inspect.signature(evaluate).parameters.items():
-                if name in ("state_dir", "state", "state_path"):
-                    kwargs[name] = state_dir
-                elif name in ("progress", "verbose", "show", "print_tables"):
-                    kwargs[name] = False  # the report prints its own one-liners
-                elif name in ("quiet",):
-                    kwargs[name] = True
-                elif name == "png_path":  # evaluate draws its own PNG: keep it out of the state dir
-                    kwargs[name] = Path(scratch) / "confusion.png"
-                elif param.default is inspect.Parameter.empty and param.kind not in (
-                        inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-                    echo(f"confusion matrix: workers.classifier.training.evaluate needs {name!r}; "
-                         "trying the evaluation JSON")
-                    return None
-            result = evaluate(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - no trained classifier, or another failure: fall back
-        echo(f"confusion matrix: workers.classifier.training.evaluate failed ({type(exc).__name__}: {exc}); "
-             "trying the evaluation JSON")
+        with tempfile.TemporaryDirectory(prefix="lw-report-") as scratch:  # evaluate draws its own PNG: not ours
+            result = evaluate(state_dir, png_path=Path(scratch) / "confusion.png", print_tables=False)
+    except FileNotFoundError:
+        echo("confusion matrix: no trained attack classifier (run `layerwatch classifier train`); "
+             "trying a saved evaluation JSON")
         return None
-    got = _pick(_find_confusions(result if isinstance(result, Mapping) else {"result": result}))
+    except ValueError as exc:
+        echo(f"confusion matrix: {exc}; trying a saved evaluation JSON")
+        return None
+    got = _pick(_find_confusions(result))
     if got is None:
-        echo("confusion matrix: workers.classifier.training.evaluate returned no confusion matrix")
+        echo("confusion matrix: the classifier evaluation has no confusion matrix")
     return got
 
 

@@ -55,7 +55,6 @@ class Settings:
     models: str = ""  # comma allow-list of model ids this worker accepts (empty: all); others are dead-lettered
     sink_batch_records: int = 256
     sink_within_s: float = 0.5
-    sink_buffer_rows: int = 200_000
     rebalance_timeout_s: float = 2.0
     torch_threads: int = 1  # intra-op threads for the MMD engine (0: torch's default)
     # codec limits
@@ -75,12 +74,16 @@ class Settings:
     alpha: float = 0.05
     top_k: int = 20
     shift_adjust: bool = False  # LADIS shift_adjust: sample the reference by the window's predicted-class mix
+    drift_test: str = "mmd"  # the window test: mmd, or package.module:factory (docs/architecture.md)
     # alerts
     alert_detection_rate: float = 0.5
     alert_consecutive: int = 2
     alert_clear_windows: int = 2
     alert_adversarial_share: float = 0.3
+    alert_sinks: str = "kafka,webhook"  # comma list: kafka, webhook, or package.module:factory
     webhook_url: str = ""
+    webhook_format: str = "json"  # json (the Alert record) or slack (incoming-webhook text + blocks)
+    webhook_attempts: int = 5
     webhook_token: str = _secret()
     webhook_timeout_s: float = 5.0
     # probing

@@ -6,19 +6,17 @@ them run the same processes a user would start by hand.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 from streams.broker import EmbeddedBroker, free_port
+from streams.client import http_json
 
 
 class StackError(RuntimeError):
@@ -36,25 +34,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, message: str, interv
             alive()
         time.sleep(interval)
     raise StackError(f"timed out after {timeout:.0f} s waiting for {message}")
-
-
-def http_json(url: str, body: dict | None = None, token: str = "", timeout: float = 5.0) -> tuple[int, dict]:
-    """GET (or POST JSON) and return (status, decoded body); connection errors give (0, {})."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.loads(exc.read() or b"{}")
-        except ValueError:
-            return exc.code, {}
-    except (OSError, ValueError):
-        return 0, {}
 
 
 @dataclass

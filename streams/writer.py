@@ -2,7 +2,10 @@
 
 A write that cannot reach ClickHouse is retried with capped exponential backoff and
 never dropped; while it waits, the calling agent does not take more records, so the
-backlog stays in Kafka (backpressure) and the worker's health reads "degraded".
+backlog stays in Kafka (backpressure) and the worker's health reads "degraded". A write
+the store keeps refusing for another reason (a bad value, a schema mismatch) raises
+:class:`RowsRejected` after ``max_attempts_on_error`` attempts: the caller dead-letters the
+records those rows came from, so nothing is acked that was not stored or dead-lettered.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return str(value)
+
+
+class RowsRejected(StoreError):
+    """The store refused a write several times for a reason other than an outage."""
+
+    def __init__(self, table: str, n_rows: int, cause: Exception):
+        super().__init__(f"store refused {n_rows} row(s) for {table}: {cause}")
+        self.table, self.n_rows = table, n_rows
 
 
 class StoreWriter:
@@ -63,8 +74,9 @@ class StoreWriter:
             except StoreError as exc:
                 self._failed(table, exc)
                 if attempt >= self.max_attempts_on_error:
-                    log.error("dropping %d rows for %s after %d failed attempts: %s", n_rows, table, attempt, exc)
-                    return
+                    self.metrics.rows_rejected.labels(table).inc(n_rows)
+                    self.degraded_reason = ""
+                    raise RowsRejected(table, n_rows, exc) from exc
             else:
                 self.metrics.rows.labels(table).inc(n_rows)
                 self.metrics.store_up.set(1)

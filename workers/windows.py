@@ -439,6 +439,10 @@ class WindowManager:
     def keys(self) -> list[WindowKey]:
         return list(self._keys)
 
+    def drop(self, key: WindowKey) -> bool:
+        """Forget every open window of ``key`` (its events now go to another worker); False when none."""
+        return self._keys.pop(key, None) is not None
+
     def open_windows(self, key: WindowKey) -> list[tuple[int, int]]:
         """(start_ms, end_ms) of the key's open windows, oldest first."""
         st = self._keys.get(key)

@@ -76,6 +76,20 @@ class AlertEvent:
             "message": self.message,
         }
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "AlertEvent":
+        """The event of a decoded Avro ``Alert`` record (the inverse of :meth:`to_record`).
+
+        Example:
+            >>> e = AlertEvent("probing/cnn/c1@5", 5, "cnn", "probing", "open", "warning", client_id="c1")
+            >>> AlertEvent.from_record(e.to_record()) == e
+            True
+        """
+        return cls(record["alert_id"], int(record["ts_ms"]), record["model_id"], record["kind"], record["state"],
+                   record["severity"], window_id=record.get("window_id", ""),
+                   event_ids=tuple(record.get("event_ids") or ()), client_id=record.get("client_id", ""),
+                   message=record.get("message", ""))
+
 
 @dataclass
 class _Streak:

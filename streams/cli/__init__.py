@@ -1,132 +1,31 @@
 """The `layerwatch` command line: one subcommand per process a user starts.
 
-Errors a user can fix (bad argument, no broker, bad setting) are one line on stderr and
-exit code 2, never a traceback.
+Commands live in streams/cli/core.py (demo, broker, worker, query, config),
+inference.py (serve, reference, simulate) and analysis.py (classifier, report, study),
+each registered with :func:`streams.cli.registry.command`. Errors a user can fix (bad
+argument, no broker, bad setting) are one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-from streams.settings import Settings, SettingsError, load_settings
+from streams.cli import core, inference, analysis  # noqa: F401, I001 - importing registers their commands, in help order
+from streams.cli.registry import REGISTRY, Parser, UsageError
+from streams.settings import SettingsError, load_settings
 
-
-class UsageError(Exception):
-    """A problem the user can fix; printed as one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.broker import BrokerUnavailable, EmbeddedBroker, split_bootstrap
-
-    host, port = split_bootstrap(args.listen or settings.kafka_bootstrap)
-    broker = EmbeddedBroker(host=host, port=port)
-    try:
-        broker.start()
-    except BrokerUnavailable as exc:
-        raise UsageError(str(exc)) from None
-    print(f"Tansu broker (memory only) listening at {broker.bootstrap}; Ctrl-C stops it", flush=True)
-    try:
-        broker.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        broker.stop()
-    return 0
-
-
-def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.app import parse_agents
-    from streams.process import run_worker
-
-    try:
-        parse_agents(args.agents or settings.agents)
-    except ValueError as exc:
-        raise UsageError(f"layerwatch worker: {exc}") from None
-    if args.agents:
-        settings = settings.replace(agents=args.agents)
-    if args.web_port:
-        settings = settings.replace(web_port=args.web_port)
-    return run_worker(settings, loglevel=args.loglevel)
-
-
-def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.query import format_result, run_query
-
-    params = dict(p.split("=", 1) for p in args.param or [])
-    names, rows = run_query(settings, args.sql, params)
-    print(format_result(names, rows, args.format))
-    return 0
-
-
-def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
-    print(json.dumps(settings.safe_dict(), indent=2))
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.demo import run_demo
-    from workers.inference.traffic import parse_phases
-
-    try:
-        parse_phases(args.phases)
-    except ValueError as exc:
-        raise UsageError(f"layerwatch demo: {exc}") from None
-    return run_demo(settings, seconds=args.seconds, summary_path=args.summary, phases=args.phases,
-                    rate=args.rate, keep=args.keep)
+__all__ = ["build_parser", "main", "UsageError"]
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="layerwatch", description="Monitor ML models for adversarial attacks.")
     parser.add_argument("--config", help="TOML settings file (default: LW_CONFIG or ./layerwatch.toml)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    p = sub.add_parser("demo", help="run the whole pipeline on this machine and show what it detects")
-    p.add_argument("--seconds", type=float, default=None, help="bound the run (default: the full scenario)")
-    p.add_argument("--summary", help="write the figures as JSON to this path")
-    p.add_argument("--phases", default="clean:16,pgd@cnn:12,clean:16,fgsm@resnet:12",
-                   help="traffic phases, name:seconds (attack@model targets one model)")
-    p.add_argument("--rate", type=float, default=150.0, help="events per second over all models")
-    p.add_argument("--keep", action="store_true", help="keep everything running after the scenario (Ctrl-C stops)")
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("broker", help="run the embedded Tansu broker in the foreground (memory only)")
-    p.add_argument("--listen", help="host:port (default: LW_KAFKA_BOOTSTRAP, 127.0.0.1:9092)")
-    p.set_defaults(func=_cmd_broker)
-
-    p = sub.add_parser("worker", help="run the Faust worker (sink, drift, classify, probing, alerts)")
-    p.add_argument("--agents", help="comma list of agents to run (default: all)")
-    p.add_argument("--web-port", type=int, help="HTTP port for /health, /metrics, the API and dashboard")
-    p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
-    p.set_defaults(func=_cmd_worker)
-
-    p = sub.add_parser("query", help="run a read-only SQL query against the store")
-    p.add_argument("sql", help="a SELECT query, or @name for a shipped query (see deploy/clickhouse/queries)")
-    p.add_argument("--param", "-p", action="append", metavar="NAME=VALUE", help="query parameter")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.set_defaults(func=_cmd_query)
-
-    p = sub.add_parser("config", help="print the effective settings (secrets masked)")
-    p.set_defaults(func=_cmd_config)
-
-    for register in _extensions():
+    for register in REGISTRY:
         register(sub)
     return parser
-
-
-def _extensions() -> list[Callable[[Any], None]]:
-    """Subcommands contributed by other modules (serve, simulate, classifier, report, study)."""
-    from streams import commands
-
-    return commands.REGISTRY
 
 
 def main(argv: Sequence[str] | None = None) -> int:

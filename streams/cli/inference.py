@@ -1,4 +1,4 @@
-"""Subcommands around the inference side and the classifier: serve, reference, simulate, classifier.
+"""Inference-side subcommands: serve (the demo model server), reference, simulate.
 
 Each translates settings and arguments into a call of the pure code in `workers/`.
 """
@@ -7,18 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Callable
+from typing import Any
 
+from streams.cli.registry import UsageError, command, models_arg
 from streams.kafka import kafka_python_config
 from streams.settings import Settings
-
-REGISTRY: list[Callable[[Any], None]] = []
-
-
-def command(register: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Decorator adding a subparser-registering function to the CLI."""
-    REGISTRY.append(register)
-    return register
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
@@ -26,10 +19,6 @@ def client_config(settings: Settings) -> dict[str, Any]:
     config = kafka_python_config(settings)
     config.pop("bootstrap_servers")
     return config
-
-
-def _models(value: str | None) -> list[str] | None:
-    return [m.strip() for m in value.split(",") if m.strip()] if value else None
 
 
 @command
@@ -52,7 +41,7 @@ def _serve(sub: Any) -> None:
         bootstrap = None if args.no_publish else settings.kafka_bootstrap
         if bootstrap:
             require_broker(bootstrap)
-        run_server(args.host, args.port, state_dir=settings.state_dir, model_names=_models(args.models),
+        run_server(args.host, args.port, state_dir=settings.state_dir, model_names=models_arg(args.models),
                    bootstrap=bootstrap, predictions_topic=settings.topic("predictions"),
                    actions_topic=settings.topic("actions"), rate=args.rate or None, top_k=args.top_k,
                    return_scores=args.scores, preprocess=args.preprocess, mc_dropout=args.mc_dropout,
@@ -72,7 +61,7 @@ def _reference(sub: Any) -> None:
         from workers.inference.traffic import publish_reference
 
         require_broker(settings.kafka_bootstrap)
-        counts = publish_reference(settings.kafka_bootstrap, settings.state_dir, models=_models(args.models),
+        counts = publish_reference(settings.kafka_bootstrap, settings.state_dir, models=models_arg(args.models),
                                    topic=settings.topic("predictions"), progress=True, **client_config(settings))
         for model, n in counts.items():
             print(f"{model}: {n} reference events published")
@@ -97,7 +86,6 @@ def _simulate(sub: Any) -> None:
     p.add_argument("--json", help="write the simulation report here")
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
-        from streams.cli import UsageError
         from workers.inference.traffic import parse_phases, simulate
 
         try:
@@ -105,7 +93,7 @@ def _simulate(sub: Any) -> None:
         except ValueError as exc:
             raise UsageError(f"layerwatch simulate: {exc}") from None
         target = args.url if args.via == "http" else settings.kafka_bootstrap
-        report = simulate(target, args.phases, rate=args.rate, models=_models(args.models), clients=args.clients,
+        report = simulate(target, args.phases, rate=args.rate, models=models_arg(args.models), clients=args.clients,
                           probing_client=not args.no_probing, via=args.via, seed=args.seed,
                           state_dir=settings.state_dir, topic=settings.topic("predictions"),
                           client_config=client_config(settings))
@@ -116,75 +104,6 @@ def _simulate(sub: Any) -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report.as_dict(), f, indent=2, default=str)
-        return 0
-
-    p.set_defaults(func=run)
-
-
-@command
-def _classifier(sub: Any) -> None:
-    p = sub.add_parser("classifier", help="train or evaluate the attack classifier (output vector → attack, target)")
-    actions = p.add_subparsers(dest="action", required=True, parser_class=p.__class__)
-    train = actions.add_parser("train", help="build the attack data set (cached) and train the classifier")
-    train.add_argument("--kind", default=None, help="model kind (default: the measured best)")
-    train.add_argument("--seed", type=int, default=0)
-    evaluate = actions.add_parser("eval", help="the paper's tables on the held-out split, confusion matrix PNG")
-    evaluate.add_argument("--json", help="write the figures as JSON")
-    evaluate.add_argument("--png", help="confusion matrix PNG (default: <state_dir>/classifier/confusion.png)")
-
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        from workers.classifier import cli as classifier_cli
-
-        if args.action == "train":
-            kwargs = {"model_kind": args.kind} if args.kind else {}
-            classifier_cli.train(settings.state_dir, seed=args.seed, progress=True, **kwargs)
-            return 0
-        from streams.cli import UsageError
-
-        try:
-            classifier_cli.evaluate(settings.state_dir, json_path=args.json, png_path=args.png)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(f"layerwatch classifier eval: {exc}") from None
-        return 0
-
-    p.set_defaults(func=run)
-
-
-@command
-def _report(sub: Any) -> None:
-    p = sub.add_parser("report", help="write PNGs: t-SNE per layer, detection rate over time, attack confusion")
-    p.add_argument("--out", default="layerwatch-report", help="output directory")
-    p.add_argument("--model", help="one model (default: all)")
-    p.add_argument("--minutes", type=float, help="only the last N minutes of windows")
-
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        from streams.report import run_report_cli
-
-        paths = run_report_cli(settings, args.out, settings.state_dir, model=args.model, minutes=args.minutes)
-        for path in paths:
-            print(path)
-        return 0
-
-    p.set_defaults(func=run)
-
-
-@command
-def _study(sub: Any) -> None:
-    p = sub.add_parser("study", help="offline studies on the demo models")
-    studies = p.add_subparsers(dest="study", required=True, parser_class=p.__class__)
-    layers = studies.add_parser("layers", help="LADIS layer table: detection rate per layer, PGD small/large ε, FPR")
-    layers.add_argument("--model", default="resnet")
-    layers.add_argument("--json", help="write the table as JSON")
-    layers.add_argument("--markdown", help="write the table as Markdown")
-    layers.add_argument("--repeats", type=int, default=100)
-    layers.add_argument("--m", type=int, default=100)
-    layers.add_argument("--permutations", type=int, default=500)
-
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        from workers.study import run_study_cli
-
-        run_study_cli(settings.state_dir, args.model, json_path=args.json, markdown_path=args.markdown,
-                      repeats=args.repeats, m=args.m, n_permutations=args.permutations)
         return 0
 
     p.set_defaults(func=run)

@@ -1,6 +1,6 @@
 """The classify stage: label live micro-batches with the attack classifier and publish AttackLabels.
 
-Inside the ingest agent (see streams/app.py): for the live batches of one delivery,
+A stage of the ingest step (see streams/runtime.py): for the live batches of one delivery,
 ONE ``AttackClassifier.predict`` call (all batches' output vectors stacked) runs in a
 one-thread executor, and the AttackLabels records are encoded there too, so the event
 loop keeps heart-beating and decoding; one record per micro-batch goes to ``lw.labels``
@@ -84,8 +84,10 @@ def encoded_labels(classifier: Any, batches: Sequence[PredictionBatch]) -> list[
 class ClassifyStage:
     """Labels live batches with the attack classifier (loaded lazily, re-checked every 60 s)."""
 
+    name = "classify"
+
     def __init__(self, runtime: Any, executor: ThreadPoolExecutor | None = None):
-        self.runtime = runtime
+        self.topic, self.labelled = runtime.topics.labels, runtime.metrics.labelled
         self.path = classifier_path(runtime.settings)
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-classify")
         self.classifier: Any = None
@@ -138,7 +140,15 @@ class ClassifyStage:
                                 "expects %d classes: its events are not labelled", b.model_id, b.outputs.shape[1:],
                                 classifier.spec.n_classes)
         records = await asyncio.get_running_loop().run_in_executor(self.executor, encoded_labels, classifier, live)
-        topic, labelled = self.runtime.topics["labels"], self.runtime.metrics.labelled
         for model_id, n, value in records:
-            await topic.send(key=model_id.encode(), value=value)
-            labelled.labels(model_id).inc(n)
+            await self.topic.send(key=model_id.encode(), value=value)
+            self.labelled.labels(model_id).inc(n)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> str:
+        return ""

@@ -36,7 +36,19 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 from schemas.batch import COMBINED, PENULTIMATE
 from streams.rows import now_ms
-from streams.store.queries import shipped_queries
+from streams.store.statements import (
+    MODEL_LAYERS_SQL,
+    MODEL_EVENTS_SQL,
+    DRIFT_SQL,
+    ALERT_BANDS_SQL,
+    LABEL_MIX_SQL,
+    ALERTS_SQL,
+    WINDOW_SQL,
+    WINDOW_EVENTS_SQL,
+    WINDOW_LABELS_SQL,
+    WINDOW_INPUTS_SQL,
+    DASHBOARD_QUERIES,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGE = "dashboard.html"
@@ -61,136 +73,8 @@ MAX_ID_CHARS = 512
 
 QueryFn = Callable[[str, Mapping[str, Any]], Awaitable[tuple[Sequence[str], Sequence[Sequence[Any]]]]]
 
-# ----------------------------------------------------------------------------- SQL
-# Placeholders are rendered client-side by streams/store/sql.py. Time filters repeat the
-# bound on the DateTime column `ts` (``since_s``): MergeTree keeps its min/max per part (it
-# is the partition key's column), so parts older than the range are skipped unread. No window functions,
-# DateTime64 or toStartOfInterval (ClickHouse 18.16); ReplacingMergeTree tables are read
-# with FINAL or counted with uniqExact; joins are ANY LEFT JOIN (...) AS alias USING (...).
 
-MODEL_LAYERS_SQL = """
-SELECT model_id, layer, uniqExact(window_id) AS windows, max(window_end_ms) AS last_ms,
-       argMax(detection_rate, window_end_ms) AS last_detection_rate
-FROM drift_windows
-WHERE ts >= toDateTime({since_s}) AND window_end_ms >= {since_ms}
-GROUP BY model_id, layer
-ORDER BY model_id, layer
-LIMIT {limit}
-"""
-
-MODEL_EVENTS_SQL = """
-SELECT model_id, uniqExact(event_id) AS events, max(ts_ms) AS last_ms
-FROM predictions
-WHERE ts >= toDateTime({since_s}) AND ts_ms >= {since_ms}
-GROUP BY model_id
-ORDER BY model_id
-LIMIT {limit}
-"""
-
-DRIFT_SQL = """
-SELECT model_id, layer, window_id, model_version, window_start_ms, window_end_ms,
-       detection_rate, p_value, mmd2, n_window, n_reference
-FROM drift_windows FINAL
-WHERE ts >= toDateTime({since_s}) AND window_end_ms >= {since_ms}
-  AND ({model_id} = '' OR model_id = {model_id})
-  AND ({layer} = '' OR layer = {layer})
-ORDER BY window_end_ms DESC, model_id, layer
-LIMIT {limit}
-"""
-
-# Both rows (open, resolved) of every distribution_shift alert that is still open or
-# touched the time range; bands are paired up in Python (alert_bands).
-ALERT_BANDS_SQL = """
-SELECT alert_id, model_id, state, ts_ms, severity, window_id
-FROM alerts FINAL
-WHERE kind = 'distribution_shift'
-  AND ({model_id} = '' OR model_id = {model_id})
-  AND alert_id IN
-  (
-      SELECT alert_id FROM alerts
-      WHERE kind = 'distribution_shift'
-      GROUP BY alert_id
-      HAVING countIf(state = 'resolved') = 0 OR max(ts_ms) >= {since_ms}
-  )
-ORDER BY ts_ms, alert_id, state
-LIMIT {limit}
-"""
-
-LABEL_MIX_SQL = """
-SELECT intDiv(ts_ms, {bucket_ms}) * {bucket_ms} AS bucket_start_ms, attack_type,
-       uniqExact(event_id) AS events
-FROM attack_labels
-WHERE ts >= toDateTime({since_s}) AND ts_ms >= {since_ms}
-  AND ({model_id} = '' OR model_id = {model_id})
-GROUP BY bucket_start_ms, attack_type
-ORDER BY bucket_start_ms, attack_type
-LIMIT {limit}
-"""
-
-# One row per alert pairing its open and resolved rows: every open alert, whatever its
-# age, and every alert that opened or resolved in the range; open ones first.
-ALERTS_SQL = """
-SELECT
-    alert_id,
-    any(m) AS model_id,
-    any(k) AS kind,
-    if(countIf(st = 'resolved') > 0, 'resolved', 'open') AS status,
-    if(countIf(st = 'open') > 0, anyIf(sev, st = 'open'), any(sev)) AS severity,
-    if(countIf(st = 'open') > 0, minIf(t, st = 'open'), min(t)) AS opened_ms,
-    maxIf(t, st = 'resolved') AS resolved_ms,
-    if(countIf(st = 'open') > 0, anyIf(w, st = 'open'), any(w)) AS window_id,
-    max(ne) AS n_events,
-    anyIf(c, st = 'open') AS client_id,
-    if(countIf(st = 'open') > 0, anyIf(msg, st = 'open'), any(msg)) AS message,
-    anyIf(msg, st = 'resolved') AS resolution
-FROM
-(
-    SELECT alert_id, model_id AS m, kind AS k, state AS st, severity AS sev, ts_ms AS t,
-           window_id AS w, length(event_ids) AS ne, client_id AS c, message AS msg
-    FROM alerts FINAL
-    WHERE ({model_id} = '' OR model_id = {model_id})
-)
-GROUP BY alert_id
-HAVING status = 'open' OR opened_ms >= {since_ms} OR resolved_ms >= {since_ms}
-ORDER BY status = 'open' DESC, opened_ms DESC, alert_id
-LIMIT {limit}
-"""
-
-WINDOW_SQL = """
-SELECT layer, model_id, model_version, window_start_ms, window_end_ms, detection_rate, p_value,
-       mmd2, n_window, n_reference
-FROM drift_windows FINAL
-WHERE window_id = {window_id}
-ORDER BY layer
-LIMIT 100
-"""
-
-# The window's top events (best score per event over the chosen layer, or all layers)
-# joined with the predictions they came from: the shipped query `layerwatch query` runs too.
-WINDOW_EVENTS_SQL = shipped_queries()["top_suspicious_events"]
-
-WINDOW_LABELS_SQL = """
-SELECT event_id, argMax(attack_type, ts_ms) AS attack_type, argMax(attack_prob, ts_ms) AS attack_prob,
-       argMax(p_adversarial, ts_ms) AS p_adversarial, argMax(target_model, ts_ms) AS target_model
-FROM attack_labels
-WHERE model_id = {model_id} AND event_id IN {ids}
-GROUP BY event_id
-LIMIT {limit}
-"""
-
-WINDOW_INPUTS_SQL = """
-SELECT event_id, any(input) AS input
-FROM predictions_inputs
-WHERE model_id = {model_id} AND event_id IN {ids}
-GROUP BY event_id
-LIMIT {limit}
-"""
-
-QUERIES = {
-    "model_layers": MODEL_LAYERS_SQL, "model_events": MODEL_EVENTS_SQL, "drift": DRIFT_SQL,
-    "alert_bands": ALERT_BANDS_SQL, "label_mix": LABEL_MIX_SQL, "alerts": ALERTS_SQL, "window": WINDOW_SQL,
-    "window_events": WINDOW_EVENTS_SQL, "window_labels": WINDOW_LABELS_SQL, "window_inputs": WINDOW_INPUTS_SQL,
-}
+QUERIES = DASHBOARD_QUERIES
 
 # ------------------------------------------------------------------------ pure helpers
 
@@ -511,18 +395,6 @@ PAGE_HEADERS = {
                                 "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'"),
 }
 API_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-
-
-def install(app: Any, runtime: Any) -> None:
-    """Add the dashboard's views to the app's web server (idempotent).
-
-    Call it once the app exists and before the worker starts, e.g. right after
-    ``register_views(app, runtime)`` in ``streams.app.create_app``.
-    """
-    if getattr(runtime, "dashboard_installed", False):
-        return
-    register_dashboard_views(app, runtime)
-    runtime.dashboard_installed = True
 
 
 def register_dashboard_views(app: Any, runtime: Any) -> None:

@@ -29,8 +29,8 @@ def authorized(request: Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def register_views(app: faust.App, runtime: Any) -> None:
-    """Add layerwatch's views to the Faust web server."""
+def register_api_views(app: faust.App, runtime: Any) -> None:
+    """Add /health, /metrics and /api/query to the Faust web server."""
     token = runtime.settings.web_token
 
     @app.page("/health")

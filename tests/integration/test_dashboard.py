@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from schemas import LabelBatch, PredictionBatch, decode, encode, encode_batch, encode_labels
-from streams import dashboard as D
-from streams.stack import LocalStack, http_json
+from streams.web import dashboard as D
+from streams.client import http_json
+from streams.stack import LocalStack
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration

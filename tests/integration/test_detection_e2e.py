@@ -13,7 +13,8 @@ import itertools
 import numpy as np
 import pytest
 
-from streams.stack import LocalStack, http_json
+from streams.client import http_json
+from streams.stack import LocalStack
 from tests.waiting import wait_until
 from workers.inference.server import ModelServer, ServerThread
 from workers.inference.traffic import publish_reference, simulate

@@ -6,7 +6,8 @@ import pytest
 from kafka import KafkaProducer
 
 from streams.demo import publish_round_trip
-from streams.stack import LocalStack, http_json
+from streams.client import http_json
+from streams.stack import LocalStack
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration

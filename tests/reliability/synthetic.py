@@ -17,7 +17,7 @@ import numpy as np
 from kafka import KafkaProducer
 
 from schemas import PredictionBatch, encode_batch
-from streams.stack import http_json
+from streams.client import http_json
 
 MODEL = "synth"
 DIM = 32

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 
 from schemas import encode_batch
 from streams.ingest import decode_records
-from streams.stack import LocalStack, http_json
+from streams.client import http_json
+from streams.stack import LocalStack
 from tests.reliability.badinput import LIMIT_ENV, LIMITS, REASONS, bad_records
 from tests.reliability.kcat_broker import KcatCompatibleBroker
 from tests.reliability.synthetic import MODEL, make_batch, query, scalar

@@ -23,7 +23,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from streams.stack import LocalStack, http_json
+from streams.client import http_json
+from streams.stack import LocalStack
 from tests.reliability.synthetic import MODEL, PacedPublisher, Plan, future_base, scalar
 from tests.waiting import wait_until
 

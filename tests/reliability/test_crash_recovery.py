@@ -23,7 +23,8 @@ import re
 
 import pytest
 
-from streams.stack import LocalStack, http_json
+from streams.client import http_json
+from streams.stack import LocalStack
 from tests.reliability.synthetic import (
     MODEL,
     PacedPublisher,

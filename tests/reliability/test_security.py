@@ -209,7 +209,8 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 60) -> subproces
 @pytest.mark.reliability
 def test_worker_api_token_readonly_bounds_and_no_secret_in_logs(broker, clickhouse_server, tmp_path) -> None:
     from streams.broker import free_port
-    from streams.stack import LocalStack, http_json, wait_for
+    from streams.client import http_json
+    from streams.stack import LocalStack, wait_for
     from streams.store import StoreError, open_store_from_settings
     from tests.clickhouse_server import PASSWORD, USER
 

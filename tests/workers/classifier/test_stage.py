@@ -63,7 +63,7 @@ class _Counter:
 def test_stage_waits_for_a_classifier_then_labels_live_batches(trained, small_dataset, tmp_path, caplog):
     path = tmp_path / "later" / "classifier.skops"
     runtime = SimpleNamespace(settings=SimpleNamespace(classifier_path=str(path), state_path=tmp_path),
-                              topics={"labels": _Topic()}, metrics=SimpleNamespace(labelled=_Counter()))
+                              topics=SimpleNamespace(labels=_Topic()), metrics=SimpleNamespace(labelled=_Counter()))
     stage = ClassifyStage(runtime)
     live = Delivered(_batch("cnn", small_dataset.outputs[:6]), "lw.predictions", 0, 1)
     reference = Delivered(_batch("cnn", small_dataset.outputs[:4], role="reference"), "lw.predictions", 0, 2)
@@ -73,17 +73,17 @@ def test_stage_waits_for_a_classifier_then_labels_live_batches(trained, small_da
             await stage.handle([live])
             stage._next_check = 0.0  # as if 60 s had passed
             await stage.handle([live])
-        assert runtime.topics["labels"].sent == []
+        assert runtime.topics.labels.sent == []
         assert sum("no attack classifier" in r.getMessage() for r in caplog.records) == 1
         path.parent.mkdir()
         shutil.copy(trained, path)
         await stage.handle([live, reference])  # not due yet: still nothing
-        assert runtime.topics["labels"].sent == []
+        assert runtime.topics.labels.sent == []
         stage._next_check = 0.0
         await stage.handle([live, reference])
 
     asyncio.run(run())
-    sent = runtime.topics["labels"].sent
+    sent = runtime.topics.labels.sent
     assert len(sent) == 1 and sent[0][0] == b"cnn"
     _, record = decode(sent[0][1], expect="AttackLabels")
     assert labels_from_record(record).n == 6

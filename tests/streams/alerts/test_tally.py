@@ -1,4 +1,4 @@
-"""Pure parts of the detection stages: label tally, reference alignment, docstring examples."""
+"""The label tally: classifier verdicts judged once per model and bucket."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import doctest
 
 import numpy as np
 
-import streams.stages.drift as detection
+import streams.alerts.tally as tally_module
 from schemas.batch import LabelBatch
-from streams.stages.drift import LabelTally, reference_arrays
+from streams.alerts.tally import LabelTally
 
 
 def test_docstring_examples_run() -> None:
-    assert doctest.testmod(detection).failed == 0
+    assert doctest.testmod(tally_module).failed == 0
 
 
 def _labels(model: str, ts: list[int], p: list[float], ids: list[str]) -> LabelBatch:
@@ -31,12 +31,3 @@ def test_label_tally_judges_each_bucket_once() -> None:
     assert verdicts[0][4][:3] == ["a", "b", "d"]
     other = _labels("x", [5000], [1.0], ["z"])
     assert tally.add(other) == []  # models are tallied apart
-
-
-def test_reference_arrays_keep_events_present_in_every_layer() -> None:
-    rows = [("e2", "pen", 1, [1.0, 2.0]), ("e1", "pen", 0, [3.0, 4.0]), ("e1", "early", 0, [5.0]),
-            ("e2", "early", 1, [6.0]), ("e3", "pen", 2, [7.0, 8.0])]
-    layers, classes = reference_arrays(rows)
-    np.testing.assert_array_equal(layers["pen"], [[3.0, 4.0], [1.0, 2.0]])
-    np.testing.assert_array_equal(layers["early"], [[5.0], [6.0]])
-    assert classes.tolist() == [0, 1]

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from streams import dashboard as D
+from streams.web import dashboard as D
 from streams.store.sql import placeholders, render
 
 

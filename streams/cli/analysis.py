@@ -1,0 +1,76 @@
+"""Offline subcommands: classifier (train, eval), report (PNGs from the store), study (layer table)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from streams.cli.registry import UsageError, command
+from streams.settings import Settings
+
+
+@command
+def _classifier(sub: Any) -> None:
+    p = sub.add_parser("classifier", help="train or evaluate the attack classifier (output vector → attack, target)")
+    actions = p.add_subparsers(dest="action", required=True, parser_class=p.__class__)
+    train = actions.add_parser("train", help="build the attack data set (cached) and train the classifier")
+    train.add_argument("--kind", default=None, help="model kind (default: the measured best)")
+    train.add_argument("--seed", type=int, default=0)
+    evaluate = actions.add_parser("eval", help="the paper's tables on the held-out split, confusion matrix PNG")
+    evaluate.add_argument("--json", help="write the figures as JSON")
+    evaluate.add_argument("--png", help="confusion matrix PNG (default: <state_dir>/classifier/confusion.png)")
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from workers.classifier import training
+
+        if args.action == "train":
+            kwargs = {"model_kind": args.kind} if args.kind else {}
+            training.train(settings.state_dir, seed=args.seed, progress=True, **kwargs)
+            return 0
+        try:
+            training.evaluate(settings.state_dir, json_path=args.json, png_path=args.png)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"layerwatch classifier eval: {exc}") from None
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command
+def _report(sub: Any) -> None:
+    p = sub.add_parser("report", help="write PNGs: t-SNE per layer, detection rate over time, attack confusion")
+    p.add_argument("--out", default="layerwatch-report", help="output directory")
+    p.add_argument("--model", help="one model (default: all)")
+    p.add_argument("--minutes", type=float, help="only the last N minutes of windows")
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from streams.report import run_report_cli
+
+        paths = run_report_cli(settings, args.out, settings.state_dir, model=args.model, minutes=args.minutes)
+        for path in paths:
+            print(path)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+@command
+def _study(sub: Any) -> None:
+    p = sub.add_parser("study", help="offline studies on the demo models")
+    studies = p.add_subparsers(dest="study", required=True, parser_class=p.__class__)
+    layers = studies.add_parser("layers", help="LADIS layer table: detection rate per layer, PGD small/large ε, FPR")
+    layers.add_argument("--model", default="resnet")
+    layers.add_argument("--json", help="write the table as JSON")
+    layers.add_argument("--markdown", help="write the table as Markdown")
+    layers.add_argument("--repeats", type=int, default=100)
+    layers.add_argument("--m", type=int, default=100)
+    layers.add_argument("--permutations", type=int, default=500)
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from workers.study import run_study_cli
+
+        run_study_cli(settings.state_dir, args.model, json_path=args.json, markdown_path=args.markdown,
+                      repeats=args.repeats, m=args.m, n_permutations=args.permutations)
+        return 0
+
+    p.set_defaults(func=run)

@@ -1,0 +1,162 @@
+"""What one worker process holds, declared in one place: the :class:`Runtime`.
+
+:meth:`Runtime.create` builds all of it from the settings: the store and its writer, the
+metrics, the Faust topics, the alert hub with its sinks, the detection stages that
+``settings.agents`` asks for, and the recovery that rebuilds their state after a
+(re)start. Nothing else adds to it; the Faust agents in :mod:`streams.app` and the web
+views in :mod:`streams.web` only read it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+from schemas.codec import Limits, encode
+from streams.kafka import TOPICS
+from streams.metrics import Metrics
+from streams.rows import Delivered
+from streams.settings import Settings
+from streams.store import Store
+from streams.writer import StoreWriter
+
+if TYPE_CHECKING:
+    from streams.alerts import AlertHub
+    from streams.recovery import Recovery
+    from streams.stages.drift import DriftStage
+
+log = logging.getLogger(__name__)
+
+AGENTS = ("sink", "drift", "classify", "probing", "alerts")
+
+
+class Stage(Protocol):
+    """A consumer of the decoded prediction batches of each ingest step (see streams/stages/).
+
+    ``handle`` gets one step's batches, in order, after the sink wrote them; the step's
+    records are acked only when every stage's ``handle`` returned, so a stage that raises
+    gets the step replayed. Heavy work belongs in the stage's own thread, not on the loop.
+    ``health`` is "" when the stage is fine, else a one-line reason (shown by ``/health``).
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def handle(self, items: Sequence[Delivered]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def health(self) -> str: ...
+
+
+@dataclass
+class Topics:
+    """The Faust topics a worker reads and writes (names from ``settings.topic``)."""
+
+    predictions: Any
+    drift: Any
+    labels: Any
+    alerts: Any
+    actions: Any
+    dlq: Any
+
+    @classmethod
+    def create(cls, app: Any, settings: Settings) -> "Topics":
+        return cls(**{name: app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw",
+                                      partitions=settings.topic_partitions) for name in TOPICS})
+
+
+class Health:
+    """Named problems of one process; ``/health`` is "degraded" while any is set."""
+
+    def __init__(self) -> None:
+        self._problems: dict[str, str] = {}
+
+    def fail(self, source: str, reason: str) -> None:
+        self._problems[source] = reason[:300]
+
+    def clear(self, source: str) -> None:
+        self._problems.pop(source, None)
+
+    def reasons(self) -> list[str]:
+        return [f"{source}: {reason}" for source, reason in self._problems.items()]
+
+
+def parse_agents(spec: str) -> frozenset[str]:
+    """'all' or a comma list of agent names; unknown names are an error naming them."""
+    names = {a.strip() for a in spec.split(",") if a.strip()}
+    if not names or names == {"all"}:
+        return frozenset(AGENTS)
+    unknown = sorted(names - set(AGENTS))
+    if unknown:
+        raise ValueError(f"unknown agent(s) {', '.join(unknown)}; choose from all, {', '.join(AGENTS)}")
+    return frozenset(names)
+
+
+@dataclass
+class Runtime:
+    """Everything the agents, stages and views of one worker process share."""
+
+    settings: Settings
+    store: Store
+    writer: StoreWriter
+    metrics: Metrics
+    limits: Limits
+    agents: frozenset[str]
+    topics: Topics
+    health_board: Health = field(default_factory=Health)
+    alerts: "AlertHub | None" = None
+    drift: "DriftStage | None" = None
+    stages: list[Stage] = field(default_factory=list)
+    recovery: "Recovery | None" = None
+
+    @classmethod
+    def create(cls, app: Any, settings: Settings, store: Store) -> "Runtime":
+        """The runtime of ``settings``: stages from ``settings.agents``, alert sinks from ``settings.alert_sinks``."""
+        from streams.alerts import AlertHub, build_sinks
+        from streams.recovery import Recovery
+        from streams.stages import build_stages
+
+        metrics = Metrics()
+        runtime = cls(
+            settings=settings, store=store, writer=StoreWriter(store, metrics), metrics=metrics,
+            limits=Limits(max_record_bytes=settings.max_record_bytes, max_rows=settings.max_batch_rows,
+                          max_dim=settings.max_dim),
+            agents=parse_agents(settings.agents), topics=Topics.create(app, settings),
+        )
+        runtime.alerts = AlertHub.from_settings(settings, build_sinks(runtime), metrics)
+        runtime.stages = build_stages(runtime)
+        runtime.drift = next((s for s in runtime.stages if s.name == "drift"), None)  # type: ignore[assignment]
+        runtime.recovery = Recovery(runtime)
+        return runtime
+
+    def health(self) -> dict[str, Any]:
+        """The ``/health`` body: "ok", or "degraded" with every current reason."""
+        reasons = self.health_board.reasons()
+        if self.writer.degraded_reason:
+            reasons.insert(0, self.writer.degraded_reason)
+        reasons += [f"{s.name}: {r}" for s in self.stages if (r := s.health())]
+        return {"status": "degraded" if reasons else "ok", "reason": "; ".join(reasons), "agents": sorted(self.agents)}
+
+    async def dead_letter(self, record: dict[str, Any]) -> None:
+        """Send one DeadLetter record to ``lw.dlq`` (the results sink stores it) and count it."""
+        log.warning("dead letter %s:%s:%s: %s", record["topic"], record["partition"], record["offset"], record["reason"])
+        self.metrics.dlq.labels(record["topic"]).inc()
+        key = f"{record['topic']}:{record['partition']}:{record['offset']}".encode()
+        await self.topics.dlq.send(key=key, value=encode("DeadLetter", record))
+
+    async def start(self) -> None:
+        for stage in self.stages:
+            await stage.start()
+
+    async def stop(self) -> None:
+        """Stop the stages and close the alert sinks (called once, when the app shuts down)."""
+        for stage in self.stages:
+            try:
+                await stage.stop()
+            except Exception:  # noqa: BLE001 - stop the others all the same
+                log.exception("stopping stage %s failed", stage.name)
+        if self.alerts is not None:
+            await self.alerts.close()

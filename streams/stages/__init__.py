@@ -1,0 +1,40 @@
+"""The detection stages of the ingest step, one module each; :func:`build_stages` picks them from ``settings.agents``.
+
+A stage implements :class:`streams.runtime.Stage` (start, handle a step's decoded batches,
+stop, health) and owns its state. To add one: a module here with the class, an entry in
+``STAGES`` and its agent name in ``streams.runtime.AGENTS`` (docs/architecture.md, "Add a stage").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from streams.runtime import Runtime, Stage
+
+
+def _drift(runtime: "Runtime") -> "Stage":
+    from streams.stages.drift import DriftStage
+
+    return DriftStage(runtime)
+
+
+def _classify(runtime: "Runtime") -> "Stage":
+    from streams.stages.classify import ClassifyStage
+
+    return ClassifyStage(runtime)
+
+
+def _probing(runtime: "Runtime") -> "Stage":
+    from streams.stages.probing import ProbingStage
+
+    return ProbingStage(runtime)
+
+
+#: agent name -> stage factory, in the order the stages get each step
+STAGES: dict[str, Callable[["Runtime"], "Stage"]] = {"drift": _drift, "classify": _classify, "probing": _probing}
+
+
+def build_stages(runtime: "Runtime") -> list["Stage"]:
+    """The stages the runtime's agents ask for."""
+    return [factory(runtime) for name, factory in STAGES.items() if name in runtime.agents]

@@ -1,0 +1,76 @@
+"""The probing stage: flags clients sending many near-identical inputs, opens a probing alert, throttles them."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Sequence
+
+from schemas.batch import PENULTIMATE
+from schemas.codec import encode
+from streams.rows import Delivered, now_ms
+from workers.probing import ProbingDetector
+
+if TYPE_CHECKING:
+    from streams.runtime import Runtime
+
+
+class ProbingStage:
+    """One :class:`~workers.probing.ProbingDetector` per model on the penultimate embeddings; hits become
+    a probing alert (through the alert hub) and a throttle action on ``lw.actions``."""
+
+    name = "probing"
+
+    def __init__(self, runtime: "Runtime", expire_every_s: float = 5.0):
+        assert runtime.alerts is not None
+        self.settings, self.metrics, self.hub = runtime.settings, runtime.metrics, runtime.alerts
+        self.actions = runtime.topics.actions
+        self.detectors: dict[str, ProbingDetector] = {}
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-probing")
+        self.expire_every_s = expire_every_s
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._expire_forever(), name="lw-probing-expiry")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> str:
+        return ""
+
+    def detector(self, model_id: str) -> ProbingDetector:
+        """One detector per model: embeddings of different models are not comparable."""
+        if model_id not in self.detectors:
+            s = self.settings
+            self.detectors[model_id] = ProbingDetector(similarity=s.probing_similarity,
+                                                       min_queries=s.probing_min_queries, window_s=s.probing_window_s)
+        return self.detectors[model_id]
+
+    async def handle(self, items: Sequence[Delivered]) -> None:
+        s = self.settings
+        batches = [d.batch for d in items if d.batch.role == "live" and PENULTIMATE in d.batch.layers]
+        if not batches:
+            return
+        # in its own thread: the products and conversions release the GIL, so the loop (the alerts
+        # agent, the results sink, Kafka) and the classifier's thread go on meanwhile
+        found = await asyncio.get_running_loop().run_in_executor(self.executor, self._update, batches)
+        for model_id, hit in found:
+            await self.hub.publish(self.hub.rules.on_probing(model_id, hit.client_id, int(hit.ts_ms), int(hit.count)))
+            action = {"client_id": hit.client_id, "action": "throttle", "model_id": model_id,
+                      "until_ms": now_ms() + int(s.probing_throttle_s * 1000),
+                      "reason": f"probing: {hit.count} near-identical queries in {s.probing_window_s:.0f} s"}
+            self.metrics.actions.labels("throttle").inc()
+            await self.actions.send(key=hit.client_id.encode(), value=encode("Action", action))
+
+    def _update(self, batches: Sequence[Any]) -> list[tuple[str, Any]]:
+        """(model id, hit) of the batches, in order (runs in the probing thread, one call at a time)."""
+        return [(b.model_id, hit) for b in batches
+                for hit in self.detector(b.model_id).update(b.client_ids, b.ts_ms, b.layers[PENULTIMATE])]
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.expire_every_s)  # a timer: quiet probing alerts resolve by wall clock
+            await self.hub.publish(self.hub.rules.expire(now_ms(), self.settings.probing_window_s))

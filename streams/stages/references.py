@@ -1,0 +1,92 @@
+"""Clean references per model version, read from ``reference_embeddings`` and fitted once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from streams.plugins import load
+from streams.rows import now_ms
+from streams.store import statements as Q
+from streams.writer import StoreWriter
+from workers.drift import DriftTest
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+BUILTIN_TESTS = {"mmd": "workers.mmd.drift_test:fit"}
+
+
+@dataclass
+class Reference:
+    """A fitted test for one model version and what it was fitted on."""
+
+    test: DriftTest
+    layers: tuple[str, ...]
+    n: int
+    built_ms: int
+
+
+def reference_arrays(rows: Sequence[Sequence[Any]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(event_id, layer, predicted, vector) rows → aligned {layer: (n, d)} and predicted classes.
+
+    Only events present in every layer are kept, in one event order shared by all layers.
+    """
+    by_layer: dict[str, dict[str, tuple[int, Any]]] = {}
+    for event_id, layer, predicted, vector in rows:
+        by_layer.setdefault(layer, {})[event_id] = (predicted, vector)
+    if not by_layer:
+        return {}, np.empty(0, np.int64)
+    common = sorted(set.intersection(*(set(v) for v in by_layer.values())))
+    layers = {
+        layer: np.asarray([values[e][1] for e in common], dtype=np.float32).reshape(len(common), -1)
+        for layer, values in by_layer.items()
+    }
+    first = next(iter(by_layer.values()))
+    predicted = np.asarray([first[e][0] for e in common], dtype=np.int64)
+    return layers, predicted
+
+
+class ReferenceCache:
+    """References per model version: loaded from the store on first use, refitted when new reference data lands.
+
+    The test is built by the factory ``settings.drift_test`` names (``mmd``, or
+    ``package.module:factory``), in the given executor (fitting may be heavy).
+    """
+
+    def __init__(self, settings: Any, writer: StoreWriter):
+        self.settings, self.writer = settings, writer
+        self.factory = load(settings.drift_test, BUILTIN_TESTS, "LW_DRIFT_TEST")
+        self._cache: dict[Key, Reference] = {}
+        self._stale: set[Key] = set()
+        self._warned: set[Key] = set()
+
+    def mark_stale(self, key: Key) -> None:
+        self._stale.add(key)
+
+    async def get(self, key: Key, executor: ThreadPoolExecutor) -> Reference | None:
+        if key in self._cache and key not in self._stale:
+            return self._cache[key]
+        s = self.settings
+        params = {"model_id": key[0], "model_version": key[1], "limit": s.reference_max}
+        ids = [r[0] for r in await self.writer.query(Q.REFERENCE_IDS, params)]
+        if len(ids) < max(2, s.detection_m // 2):
+            if key not in self._warned:
+                log.warning("model %s version %s has %d reference events: not tested until `layerwatch reference` "
+                            "publishes its validation data", key[0], key[1], len(ids))
+                self._warned.add(key)
+            return None
+        layers, classes = reference_arrays(await self.writer.query(Q.REFERENCE_ROWS, {**params, "ids": ids}))
+        test = await asyncio.get_running_loop().run_in_executor(executor, self.factory, layers, classes, s)
+        self._stale.discard(key)
+        self._warned.discard(key)
+        reference = Reference(test, tuple(layers), len(classes), now_ms())
+        self._cache[key] = reference
+        log.info("reference for %s@%s: %d events, layers %s", key[0], key[1], reference.n, ", ".join(layers))
+        return reference
