@@ -165,12 +165,6 @@ class ClickHouseStore(Store):
         with self._errors():
             self._client(numpy=True).execute(query, data, columnar=True, types_check=False)
 
-    def ping(self) -> bool:
-        try:
-            return self._execute("SELECT 1", want_names=False)[2] == [(1,)]
-        except StoreError:
-            return False
-
     def close(self) -> None:
         self._closed = True
         with self._lock:

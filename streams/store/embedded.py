@@ -158,12 +158,6 @@ class ChdbStore(Store):
                 raise StoreError(f"chDB insert into {table!r} failed: {msg.splitlines()[0] if msg else e}",
                                  code=error_code(msg)) from e
 
-    def ping(self) -> bool:
-        try:
-            return self._execute("SELECT 1", want_names=False)[2] == [(1,)]
-        except StoreError:
-            return False
-
     def close(self) -> None:
         with self._lock:
             if self._closed:
