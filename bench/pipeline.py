@@ -85,7 +85,7 @@ from rich.table import Table  # noqa: E402
 from schemas import PredictionBatch, encode_batch  # noqa: E402
 from streams.broker import free_port  # noqa: E402
 from streams.rows import now_ms  # noqa: E402
-from streams.app import parse_agents  # noqa: E402
+from streams.runtime import parse_agents  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.client import http_json  # noqa: E402
 from streams.stack import Child, LocalStack, wait_for  # noqa: E402

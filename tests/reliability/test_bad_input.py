@@ -136,3 +136,33 @@ def test_worker_dead_letters_fuzzed_records_and_lands_the_valid_ones(chdb_url, t
         by_kind = Counter(kind_of.values())
         print(f"\nfuzz: {len(cases)} hypothesis records {dict(by_kind)} + {3 * len(foreign)} kcat lines; "
               f"{len(valid_ids) + 2} valid events landed once, {len(rows)} dead letters")
+
+
+def test_undecodable_records_on_the_results_topics_are_dead_lettered(broker, chdb_url, tmp_path) -> None:
+    """The results sink reads lw.drift, lw.labels and lw.alerts: a record it cannot decode there is dead-lettered
+    with its topic, partition, offset and reason, and valid results around it still land."""
+    from kafka import KafkaProducer
+
+    from schemas.codec import encode
+    from streams.alerts.rules import AlertEvent
+
+    prefix = f"results{next(_run)}."
+    with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=chdb_url, bootstrap=broker) as stack:
+        stack.env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"layerwatch-{prefix}"}
+        _, url = stack.start_worker()
+        producer = KafkaProducer(bootstrap_servers=broker)
+        sent = {}
+        for name in ("drift", "labels", "alerts"):
+            meta = producer.send(prefix + name, key=b"m", value=b"\x00\x00\x00\x00\x02 not avro").get(timeout=30)
+            sent[f"{meta.topic}:{meta.partition}:{meta.offset}"] = name
+        good = AlertEvent("distribution_shift/m/w1", 1_000, "m", "distribution_shift", "open", "warning",
+                          window_id="w1", message="after the bad records")
+        producer.send(prefix + "alerts", key=b"m", value=encode("Alert", good.to_record())).get(timeout=30)
+        producer.close()
+        wait_until(lambda: scalar(url, "SELECT count() FROM dead_letters FINAL") == 3, timeout=60,
+                   message="three dead letters")
+        wait_until(lambda: scalar(url, "SELECT count() FROM alerts FINAL") == 1, timeout=60,
+                   message="the valid alert after them")
+        rows = query(url, "SELECT dl_id, reason FROM dead_letters FINAL ORDER BY dl_id")
+    assert {r[0] for r in rows} == set(sent)
+    assert all(r[1] for r in rows)
