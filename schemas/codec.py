@@ -30,6 +30,7 @@ SCHEMA_FILES = {
     "Alert": "alert.avsc",
     "Action": "action.avsc",
     "DeadLetter": "dead_letter.avsc",
+    "WindowSample": "window_sample.avsc",
 }
 # Ids are part of the wire contract: never renumber, add new ids for incompatible changes.
 SCHEMA_IDS = {
@@ -39,6 +40,7 @@ SCHEMA_IDS = {
     "Action": 5,
     "DeadLetter": 6,
     "AttackLabels": 7,
+    "WindowSample": 8,
 }
 RETIRED_IDS = {3: "AttackLabels with per-event arrays, replaced by schema id 7 (Matrix columns)"}
 NAMES_BY_ID = {v: k for k, v in SCHEMA_IDS.items()}

@@ -23,7 +23,7 @@ from streams.alerts.feed import AlertFeed
 from streams.ingest import MAX_DEAD_LETTER_BYTES, dead_letter, decode_records
 from streams.kafka import faust_credentials
 from streams.pipeline import StagePipeline
-from streams.runtime import Runtime
+from streams.runtime import INGEST_AGENTS, Runtime, parse_agents
 from streams.settings import Settings
 from streams.store import Store, open_store_from_settings
 from streams.web import register_views
@@ -66,13 +66,21 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def app_id(settings: Settings) -> str:
+    """The Faust app id, which is the consumer group: test-only workers form a group of their own."""
+    return f"{settings.app_id}-tests" if parse_agents(settings.agents) == {"test"} else settings.app_id
+
+
 def create_app(settings: Settings, *, store: Store | None = None) -> tuple[faust.App, Runtime]:
     """Build the Faust app and its runtime (the store is opened and migrated here)."""
-    app = faust.App(settings.app_id, **faust_settings(settings))
+    app = faust.App(app_id(settings), **faust_settings(settings))
     store = store or open_store_from_settings(settings)
     store.migrate()
     runtime = Runtime.create(app, settings, store)
-    _add_ingest_agent(app, runtime)
+    if runtime.agents & INGEST_AGENTS:
+        _add_ingest_agent(app, runtime)
+    if "test" in runtime.agents:
+        _add_window_test_agent(app, runtime)
     if "sink" in runtime.agents:
         _add_results_sink(app, runtime)
     if "alerts" in runtime.agents:
@@ -236,3 +244,14 @@ def _add_alerts_agent(app: faust.App, runtime: Runtime) -> None:
             except CodecError:  # the results sink dead-letters it (same topic, partition and offset)
                 continue
             await feed.handle(name, record)
+
+
+def _add_window_test_agent(app: faust.App, runtime: Runtime) -> None:
+    """Tests the windows ingest workers publish (see streams/window_tests.py)."""
+    assert runtime.window_tests is not None
+    tests = runtime.window_tests
+
+    @app.agent(runtime.topics.windows, name="layerwatch.window_tests")
+    async def window_tests(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(runtime.settings.test_batch_windows, within=0.2):
+            await tests.handle(events)

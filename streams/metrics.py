@@ -35,6 +35,12 @@ class Metrics:
         self.coalesced = Counter(
             "layerwatch_windows_coalesced_total", "Windows merged into a later one because tests fell behind", ["model_id"], registry=r
         )
+        self.windows_published = Counter("layerwatch_windows_published_total",
+                                         "Closed windows published to lw.windows for the test workers", ["model_id"],
+                                         registry=r)
+        self.windows_downsampled = Counter("layerwatch_windows_downsampled_total",
+                                           "Published windows sampled down to fit LW_MAX_WINDOW_BYTES", ["model_id"],
+                                           registry=r)
         self.test_seconds = Histogram(
             "layerwatch_test_seconds", "Wall time of one window's MMD tests",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,

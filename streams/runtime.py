@@ -25,10 +25,19 @@ if TYPE_CHECKING:
     from streams.alerts import AlertHub
     from streams.recovery import Recovery
     from streams.stages.drift import DriftStage
+    from streams.window_tests import WindowTests
 
 log = logging.getLogger(__name__)
 
-AGENTS = ("sink", "drift", "classify", "probing", "alerts")
+AGENTS = ("sink", "drift", "windows", "classify", "probing", "alerts", "test")
+#: shortcuts: ``all`` is one process doing everything; ``ingest`` and ``test`` split the window tests off
+ROLES = {
+    "all": frozenset({"sink", "drift", "classify", "probing", "alerts"}),
+    "ingest": frozenset({"sink", "windows", "classify", "probing", "alerts"}),
+    "test": frozenset({"test"}),
+}
+#: the agents that consume lw.predictions
+INGEST_AGENTS = frozenset({"sink", "drift", "windows", "classify", "probing"})
 
 
 class Stage(Protocol):
@@ -61,6 +70,7 @@ class Topics:
     alerts: Any
     actions: Any
     dlq: Any
+    windows: Any
 
     @classmethod
     def create(cls, app: Any, settings: Settings) -> "Topics":
@@ -85,14 +95,22 @@ class Health:
 
 
 def parse_agents(spec: str) -> frozenset[str]:
-    """'all' or a comma list of agent names; unknown names are an error naming them."""
-    names = {a.strip() for a in spec.split(",") if a.strip()}
-    if not names or names == {"all"}:
-        return frozenset(AGENTS)
-    unknown = sorted(names - set(AGENTS))
+    """A comma list of agent names and role shortcuts (all, ingest, test); unknown names are an error naming them.
+
+    Example:
+        >>> sorted(parse_agents("ingest"))
+        ['alerts', 'classify', 'probing', 'sink', 'windows']
+    """
+    names = {a.strip() for a in spec.split(",") if a.strip()} or {"all"}
+    unknown = sorted(names - set(AGENTS) - set(ROLES))
     if unknown:
-        raise ValueError(f"unknown agent(s) {', '.join(unknown)}; choose from all, {', '.join(AGENTS)}")
-    return frozenset(names)
+        raise ValueError(f"unknown agent(s) {', '.join(unknown)}; choose from {', '.join(ROLES)} "
+                         f"or {', '.join(AGENTS)}")
+    agents = frozenset().union(*(ROLES.get(n, {n}) for n in names))
+    if {"drift", "windows"} <= agents:
+        raise ValueError("agents drift and windows exclude each other: drift tests windows in this process, "
+                         "windows publishes them to the test workers (--agents test)")
+    return agents
 
 
 @dataclass
@@ -111,6 +129,7 @@ class Runtime:
     drift: "DriftStage | None" = None
     stages: list[Stage] = field(default_factory=list)
     recovery: "Recovery | None" = None
+    window_tests: "WindowTests | None" = None
 
     @classmethod
     def create(cls, app: Any, settings: Settings, store: Store) -> "Runtime":
@@ -130,6 +149,10 @@ class Runtime:
         runtime.stages = build_stages(runtime)
         runtime.drift = next((s for s in runtime.stages if s.name == "drift"), None)  # type: ignore[assignment]
         runtime.recovery = Recovery(runtime)
+        if "test" in runtime.agents:
+            from streams.window_tests import WindowTests
+
+            runtime.window_tests = WindowTests(runtime)
         return runtime
 
     def health(self) -> dict[str, Any]:
@@ -150,6 +173,8 @@ class Runtime:
     async def start(self) -> None:
         for stage in self.stages:
             await stage.start()
+        if self.window_tests is not None:
+            await self.window_tests.start()
 
     async def stop(self) -> None:
         """Stop the stages and close the alert sinks (called once, when the app shuts down)."""
@@ -158,5 +183,7 @@ class Runtime:
                 await stage.stop()
             except Exception:  # noqa: BLE001 - stop the others all the same
                 log.exception("stopping stage %s failed", stage.name)
+        if self.window_tests is not None:
+            await self.window_tests.stop()
         if self.alerts is not None:
             await self.alerts.close()

@@ -51,7 +51,7 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     web_token: str = _secret()
-    agents: str = "all"  # comma list of: sink, drift, classify, probing, alerts
+    agents: str = "all"  # all, ingest or test, or a comma list of: sink, drift, windows, classify, probing, alerts, test
     models: str = ""  # comma allow-list of model ids this worker accepts (empty: all); others are dead-lettered
     sink_batch_records: int = 256
     sink_within_s: float = 0.5
@@ -74,6 +74,8 @@ class Settings:
     alpha: float = 0.05
     top_k: int = 20
     shift_adjust: bool = False  # LADIS shift_adjust: sample the reference by the window's predicted-class mix
+    max_window_bytes: int = 8 * 1024 * 1024  # a window published to lw.windows is sampled down to fit
+    test_batch_windows: int = 16  # windows a test worker takes per step
     drift_test: str = "mmd"  # the window test: mmd, or package.module:factory (docs/architecture.md)
     # alerts
     alert_detection_rate: float = 0.5

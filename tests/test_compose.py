@@ -444,6 +444,21 @@ def test_workers_one_with_gpu_reservation_and_distinct_web_ports() -> None:
         assert environment(service).get("LW_WEB_TOKEN"), f"{name}: LW_WEB_TOKEN is empty"
 
 
+def test_cpu_workers_ingest_and_the_gpu_worker_tests_their_windows() -> None:
+    from streams.runtime import parse_agents
+
+    workers = worker_services()
+    roles = {}
+    for name, service in workers.items():
+        spec = environment(service)["LW_AGENTS"]
+        default = re.fullmatch(r"\$\{\w+:-(\w+)\}", spec)
+        roles[name] = parse_agents(default.group(1) if default else spec)
+    gpu = [n for n, s in workers.items() if has_gpu_reservation(s)]
+    assert all(roles[n] == {"test"} for n in gpu), roles
+    cpu = [n for n in workers if n not in gpu]
+    assert cpu and all("windows" in roles[n] and "test" not in roles[n] for n in cpu), roles
+
+
 # ------------------------------------------------------------------ Kafka topics
 
 def topic_service() -> tuple[str, dict]:

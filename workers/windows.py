@@ -286,6 +286,7 @@ class ClosedWindow:
     trigger: str = "time"
     ts_ms: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     merged: int = 1
+    client_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
 
     @property
     def key(self) -> WindowKey:
@@ -313,6 +314,7 @@ def _window_from(key: WindowKey, start: int, end: int, res: Reservoir, trigger: 
         trigger=trigger,
         ts_ms=cols.get("ts_ms", np.empty(0, np.int64)).astype(np.int64, copy=False),
         merged=merged,
+        client_ids=cols.get("client_id", np.empty(0, dtype=object)),
     )
 
 
@@ -320,6 +322,8 @@ def _reservoir_of(w: ClosedWindow, capacity: int | None, rng: np.random.Generato
     cols: dict[str, np.ndarray] = {"ts_ms": w.ts_ms if len(w.ts_ms) == w.n_samples else np.zeros(w.n_samples, np.int64),
                                    "predicted": w.predicted}
     cols.update({_LAYER + n: v for n, v in w.layers.items()})
+    if len(w.client_ids) == w.n_samples:
+        cols["client_id"] = w.client_ids
     return Reservoir.from_sample(cols, w.event_ids, seen=max(w.n_events, w.n_samples), capacity=capacity, rng=rng)
 
 
@@ -463,8 +467,13 @@ class WindowManager:
         event_ids: Sequence[str] | np.ndarray,
         predicted: np.ndarray,
         layers: Mapping[str, np.ndarray],
+        client_ids: Sequence[str] | np.ndarray | None = None,
     ) -> list[ClosedWindow]:
-        """Route one batch of a key to its windows; return the windows that closed as a result."""
+        """Route one batch of a key to its windows; return the windows that closed as a result.
+
+        ``client_ids``, when given, travel with the sample (``ClosedWindow.client_ids``);
+        give them for every batch of a key or for none.
+        """
         ts = np.asarray(ts_ms, dtype=np.int64).ravel()
         n = ts.size
         ids = np.asarray(event_ids, dtype=object).ravel()
@@ -475,6 +484,8 @@ class WindowManager:
         if n == 0:
             return []
         cols: dict[str, np.ndarray] = {"ts_ms": ts, "predicted": np.asarray(predicted, dtype=np.int32).ravel()}
+        if client_ids is not None:
+            cols["client_id"] = np.asarray(client_ids, dtype=object).ravel()
         for name, mat in layers.items():  # kept in their dtype: only the sampled rows are converted to float32
             mat = np.asarray(mat)
             cols[_LAYER + name] = (mat if mat.dtype.kind == "f" else mat.astype(np.float32)).reshape(n, -1)

@@ -93,7 +93,7 @@ def _register_broker(sub: Any) -> None:
 @command
 def _register_worker(sub: Any) -> None:
     p = sub.add_parser("worker", help="run the Faust worker (sink, drift, classify, probing, alerts)")
-    p.add_argument("--agents", help="comma list of agents to run (default: all)")
+    p.add_argument("--agents", help="a role (all, ingest, test) or a comma list of agents (default: all)")
     p.add_argument("--web-port", type=int, help="HTTP port for /health, /metrics, the API and dashboard")
     p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
     p.set_defaults(func=_cmd_worker)

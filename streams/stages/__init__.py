@@ -19,6 +19,12 @@ def _drift(runtime: "Runtime") -> "Stage":
     return DriftStage(runtime)
 
 
+def _windows(runtime: "Runtime") -> "Stage":
+    from streams.stages.drift import DriftStage
+
+    return DriftStage(runtime, publish=True)
+
+
 def _classify(runtime: "Runtime") -> "Stage":
     from streams.stages.classify import ClassifyStage
 
@@ -32,7 +38,9 @@ def _probing(runtime: "Runtime") -> "Stage":
 
 
 #: agent name -> stage factory, in the order the stages get each step
-STAGES: dict[str, Callable[["Runtime"], "Stage"]] = {"drift": _drift, "classify": _classify, "probing": _probing}
+STAGES: dict[str, Callable[["Runtime"], "Stage"]] = {
+    "drift": _drift, "windows": _windows, "classify": _classify, "probing": _probing,
+}
 
 
 def build_stages(runtime: "Runtime") -> list["Stage"]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from schemas.batch import COMBINED, PredictionBatch
 from schemas.codec import encode
+from schemas.window import WindowSample, encode_window
 from streams.rows import Delivered, now_ms
 from streams.stages.references import Reference, ReferenceCache
 from workers.drift import AnalysisOptions, Verdict, WindowAnalysis
@@ -63,9 +64,11 @@ class DriftStage:
 
     name = "drift"
 
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: "Runtime", publish: bool = False):
         s = runtime.settings
         self.settings, self.metrics, self.topic = s, runtime.metrics, runtime.topics.drift
+        # publish: closed windows go to lw.windows for the test workers instead of being tested here
+        self.windows_topic = runtime.topics.windows if publish else None
         self.windows = WindowManager(size_s=s.window_size_s, step_s=s.window_step_s, capacity=s.window_max_samples,
                                      min_samples=s.window_min_samples, count_trigger=s.window_count_trigger)
         # windows closed in a burst (a backlog replayed after a restart) are tested one by one up to
@@ -116,7 +119,8 @@ class DriftStage:
         """Feed one live batch (of ``partition``) into the windows; the windows it closed, not yet queued."""
         key = (batch.model_id, batch.model_version)
         self._partitions.setdefault(key, set()).add(int(partition))
-        return self.windows.add(key, batch.ts_ms, batch.event_ids, batch.predicted, batch.layers)
+        return self.windows.add(key, batch.ts_ms, batch.event_ids, batch.predicted, batch.layers,
+                                client_ids=batch.client_ids)
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget the windows of keys whose events all came from ``partitions`` (revoked); how many keys."""
@@ -154,9 +158,19 @@ class DriftStage:
             self.wakeup.clear()
             while (window := self.pending.pop_any()) is not None:
                 try:
-                    await self._test(window)
+                    await (self._test(window) if self.windows_topic is None else self._publish(window))
                 except Exception:  # a failed test must not stop the loop
                     log.exception("testing window %s failed", window.window_id)
+
+    async def _publish(self, window: ClosedWindow) -> None:
+        sample = WindowSample(window.window_id, window.model_id, window.model_version, window.start_ms, window.end_ms,
+                              window.n_events, window.event_ids, window.predicted, window.layers, window.client_ids,
+                              window.trigger, window.merged, self.windows.late_by_key().get(window.key, 0))
+        value, sent = encode_window(sample, self.settings.max_window_bytes)
+        if sent.downsampled_from:
+            self.metrics.windows_downsampled.labels(window.model_id).inc()
+        await self.windows_topic.send(key=window.model_id.encode(), value=value)
+        self.metrics.windows_published.labels(window.model_id).inc()
 
     async def _test(self, window: ClosedWindow) -> None:
         reference = await self.references.get(window.key, self.executor)
