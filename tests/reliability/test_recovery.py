@@ -19,7 +19,9 @@ import pytest
 
 from schemas import encode_batch
 from schemas.codec import Limits
+from streams.alerts.hub import AlertHub
 from streams.alerts.rules import AlertEvent, AlertRules
+from streams.metrics import Metrics
 from streams.settings import Settings
 from workers.windows import WindowManager
 from tests.reliability.synthetic import MODEL, Plan, make_batch
@@ -30,6 +32,8 @@ _run = itertools.count()
 
 
 class FakeDrift:
+    """The drift stage's public face to recovery (pause, replay, enqueue, resume), over a real WindowManager."""
+
     def __init__(self, settings: Settings) -> None:
         s = settings
         self.windows = WindowManager(size_s=s.window_size_s, step_s=s.window_step_s, capacity=s.window_max_samples,
@@ -37,6 +41,26 @@ class FakeDrift:
         self.ready = asyncio.Event()
         self.ready.set()
         self.enqueued: list = []
+
+    def pause(self) -> None:
+        self.ready.clear()
+
+    def resume(self) -> None:
+        self.ready.set()
+
+    def replay(self, batch, partition: int) -> list:
+        return self.windows.add((batch.model_id, batch.model_version), batch.ts_ms, batch.event_ids, batch.predicted,
+                                batch.layers)
+
+    @property
+    def lateness_ms(self) -> int:
+        return self.windows.lateness_ms
+
+    def open_windows(self) -> int:
+        return sum(len(self.windows.open_windows(k)) for k in self.windows.keys())
+
+    def drop_partitions(self, partitions: set[int]) -> int:
+        return 0
 
     def enqueue(self, windows: list) -> None:
         self.enqueued.extend(windows)
@@ -110,14 +134,13 @@ def test_rebuild_reads_the_horizon_only_and_restores_the_open_windows(broker) ->
     open_row = (alert.alert_id, alert.ts_ms, MODEL, alert.kind, alert.severity, "w1", [], "", "m")
     last_closed = closed_before[-1].window_id  # closed just before the crash: its result never landed
     stored = {w.window_id for w in closed_before[:-1]}
+    hub = AlertHub(AlertRules(consecutive=2, clear_windows=2), [], Metrics())
     runtime = SimpleNamespace(settings=settings, limits=Limits(), writer=FakeWriter(stored, [open_row]),
-                              agents=frozenset({"drift", "alerts"}))
-    hub = SimpleNamespace(rules=AlertRules(consecutive=2, clear_windows=2), ready=asyncio.Event())
-    hub.ready.set()
+                              agents=frozenset({"drift", "alerts"}), drift=drift, alerts=hub)
 
     async def scenario() -> Recovery:
         await _commit(broker, settings.app_id, {TopicPartition(topic, 0): committed})
-        recovery = Recovery(None, runtime, drift, hub)
+        recovery = Recovery(runtime)
         from faust.types import TP  # Faust's own tuple type, as the signal hands it
 
         await recovery.on_assigned(None, [TP(topic, 0), TP(topic, 1)])
