@@ -1,6 +1,6 @@
 """Rebuilding in-memory state after a worker (re)start: drift windows and open alerts.
 
-Windows live in the drift stage's memory (never in Faust tables, see ARCHITECTURE.md), so
+Windows live in the drift stage's memory (never in Faust tables: a table write republishes the value), so
 a worker that crashed — or stopped — loses the windows that were open. Faust resumes the
 ingest agent at the consumer group's committed offset; everything *before* that offset
 was processed by the previous incarnation, and what lies *after* it is replayed by the

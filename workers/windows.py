@@ -15,7 +15,7 @@ Why these choices:
 - Windows close on event time (the per-key watermark, the largest ts seen) plus a lateness
   allowance, and on wall-clock time (:meth:`WindowManager.close_idle`) so the last window
   is tested when traffic stops. Faust's own windowed tables are not used: they republish
-  the whole value on every update and drop late windows (see ARCHITECTURE.md).
+  the whole value on every update and drop late windows (see docs/architecture.md).
 - Slow models that never fill ``min_samples`` in one window are tested on a count window
   once ``count_trigger`` events have accumulated.
 - :class:`Coalescer` merges windows waiting for a test when the tests fall behind, so the

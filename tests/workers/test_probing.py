@@ -1,4 +1,4 @@
-"""Near-duplicate query detection per client (streams/probing.py) on synthetic embeddings."""
+"""Near-duplicate query detection per client (workers/probing.py) on synthetic embeddings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hopping windows, reservoirs and the coalescer (streams/windows.py): pure, fast, seeded."""
+"""Hopping windows, reservoirs and the coalescer (workers/windows.py): pure, fast, seeded."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Alert state machines (streams/alerting.py): debouncing, one open alert, stable ids, Avro records."""
+"""Alert state machines (streams/alerts/rules.py): debouncing, one open alert, stable ids, Avro records."""
 
 from __future__ import annotations
 
