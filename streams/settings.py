@@ -63,6 +63,7 @@ class Settings:
     max_record_bytes: int = 32 * 1024 * 1024
     max_batch_rows: int = 65_536
     max_dim: int = 16_384
+    max_event_skew_s: float = 5.0  # event times further ahead of their Kafka record's timestamp are clamped to it
     # windows and tests
     window_size_s: float = 10.0
     window_step_s: float = 5.0
