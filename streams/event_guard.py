@@ -3,7 +3,7 @@
 Two things a single client must not be able to do to the monitor:
 
 - **Blind a model with a timestamp.** A model's windows close on its watermark (the largest
-  event time seen, ``streams.windows.WindowManager``): one event dated a day ahead would make
+  event time seen, ``workers.windows.WindowManager``): one event dated a day ahead would make
   every later event of the model late, and its windows would stop. An event may be ahead of
   its Kafka record's timestamp by at most ``max_skew_s`` (clock differences between
   hosts); past that its time is *clamped* to the record's timestamp, itself capped by the

@@ -20,7 +20,7 @@ import pytest
 
 from schemas import encode_batch
 from schemas.batch import COMBINED
-from streams.windows import WindowManager
+from workers.windows import WindowManager
 from tests.reliability.synthetic import DIM, Plan, future_base, make_batch, producer, query, scalar
 from tests.waiting import wait_until
 

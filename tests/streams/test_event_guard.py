@@ -16,7 +16,7 @@ from schemas import PredictionBatch, encode_batch
 from schemas.codec import CodecError, Limits
 from streams.event_guard import EventGuard, record_time_ms
 from streams.ingest import decode_records
-from streams.windows import WindowManager
+from workers.windows import WindowManager
 
 DAY_MS = 86_400_000
 
