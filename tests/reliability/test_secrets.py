@@ -6,9 +6,10 @@ tracebacks after `install`.
 
 Process level: distinctive secrets (a password inside LW_CLICKHOUSE_URL, the web token, the
 SASL password, a webhook URL with a password and a token) are set, then `layerwatch config`,
-`layerwatch query` against an unreachable server, a worker that cannot reach its store and a
-worker that runs at debug level (its /health, /metrics and a failing /api/query) are run; all
-their output is searched for the secrets.
+`layerwatch query` against an unreachable server and with a malformed URL, and a worker that
+cannot reach its store are run; all their output is searched for the secrets. A worker that
+runs at debug level with planted secrets (its log, /health, /metrics, refused queries) is
+checked in test_sql_policy.py, which starts one anyway.
 """
 
 from __future__ import annotations
@@ -101,11 +102,10 @@ def _get(url: str, token: str = "", body: dict | None = None) -> str:
 @pytest.mark.integration
 def test_no_secret_in_any_output_of_a_run(broker, tmp_path) -> None:
     from streams.broker import free_port
-    from streams.stack import LocalStack, http_json, wait_for
 
-    store_pw, token, sasl_pw, hook_pw, hook_tok, ch_pw = (f"{p}-{secrets.token_hex(6)}" for p in
-                                                          ("urlpw", "webtok", "saslpw", "hookpw", "hooktok", "chpw"))
-    planted = [store_pw, token, sasl_pw, hook_pw, hook_tok, ch_pw]
+    store_pw, token, sasl_pw, hook_pw, hook_tok = (f"{p}-{secrets.token_hex(6)}" for p in
+                                                   ("urlpw", "webtok", "saslpw", "hookpw", "hooktok"))
+    planted = [store_pw, token, sasl_pw, hook_pw, hook_tok]
     dead_port = free_port()  # nothing listens there
     prefix = f"sec{secrets.token_hex(2)}."
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LW_STATE_DIR": str(tmp_path), "LW_KAFKA_BOOTSTRAP": broker,
@@ -123,27 +123,10 @@ def test_no_secret_in_any_output_of_a_run(broker, tmp_path) -> None:
     assert "unavailable" in query and " -> 2" in query, query
     outputs.append(query)
     outputs.append(_run(["query", "SELECT 1"], {**env, "LW_CLICKHOUSE_URL": f"clickhouse://u:{store_pw}@127.0.0.1:notaport/db"}))
-    outputs.append(_run(["query", "SELECT 1"], {**env, "LW_CLICKHOUSE_URL": f"postgres://u:{store_pw}@127.0.0.1/db"}))
     failed_worker = _run(["worker", "--loglevel", "debug"], {**env, "LW_WEB_PORT": str(free_port())}, timeout=180)
     assert " -> 0\n" not in failed_worker and "unavailable" in failed_worker, failed_worker[-2000:]
     outputs.append(failed_worker)
 
-    chdb_env = {k: v for k, v in env.items() if k.startswith("LW_") and k not in ("LW_KAFKA_BOOTSTRAP", "LW_STATE_DIR")}
-    chdb_env.update(LW_CLICKHOUSE_URL=f"chdb://{tmp_path / 'store'}", LW_CLICKHOUSE_PASSWORD=ch_pw)
-    with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=chdb_env["LW_CLICKHOUSE_URL"], bootstrap=broker,
-                    env=chdb_env) as stack:
-        port = free_port()
-        worker = stack.spawn("worker", ["worker", "--loglevel", "debug"], LW_WEB_PORT=str(port))
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: http_json(f"{url}/health", timeout=1.0)[0] in (200, 503), 90, "worker /health",
-                 alive=worker.check)
-        outputs.append(_get(f"{url}/health"))
-        outputs.append(_get(f"{url}/metrics", token))
-        bad = _get(f"{url}/api/query", token, {"sql": f"SELECT '{store_pw}' FROM nowhere_{secrets.token_hex(2)}"})
-        assert "refused" in bad, bad
-        outputs.append(bad)
-        worker.stop()
-        outputs.append(worker.log_path.read_text(errors="replace"))
     text = "\n".join(outputs)
     leaks = [s for s in planted if s in text]
     assert not leaks, (leaks, text[-3000:])

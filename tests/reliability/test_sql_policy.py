@@ -112,26 +112,50 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.integration
 def test_worker_api_and_cli_refuse_the_corpus_on_chdb(broker, tmp_path) -> None:
-    from streams.stack import LocalStack, http_json
+    """Also the worker half of test_secrets.py: it runs at debug level with planted secrets, and
+    none appears in its log, /health, /metrics or answers."""
+    import secrets
+    import urllib.request
 
-    secret = _hostname_text()
+    from streams.broker import free_port
+    from streams.stack import LocalStack, http_json, wait_for
+
+    hostname = _hostname_text()
+    token, sasl_pw, ch_pw, hook_tok = (f"{p}-{secrets.token_hex(6)}" for p in ("tok", "sasl", "chpw", "hook"))
     prefix = f"sqlp{os.getpid() % 10_000}."
     url_store = f"chdb://{tmp_path / 'store'}"
-    env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"layerwatch-{prefix}", "LW_AGENTS": "sink"}
+    env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"layerwatch-{prefix}", "LW_AGENTS": "sink", "LW_WEB_TOKEN": token,
+           "LW_KAFKA_SASL_USERNAME": "lw", "LW_KAFKA_SASL_PASSWORD": sasl_pw, "LW_CLICKHOUSE_PASSWORD": ch_pw,
+           "LW_WEBHOOK_URL": f"http://127.0.0.1:{free_port()}/hook?token={hook_tok}"}
+    answers = []
     with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=url_store, bootstrap=broker, env=env) as stack:
-        worker, url = stack.start_worker()
+        port = free_port()
+        worker = stack.spawn("worker", ["worker", "--loglevel", "debug"], LW_WEB_PORT=str(port))
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_json(f"{url}/health", timeout=1.0)[0] in (200, 503), 90, "worker /health",
+                 alive=worker.check)
         for sql, reason in HOSTILE:
-            status, body = http_json(f"{url}/api/query", {"sql": sql, "params": {}}, timeout=30)
+            status, body = http_json(f"{url}/api/query", {"sql": sql, "params": {}}, token=token, timeout=30)
             assert status == 400 and reason in body.get("error", ""), (sql, status, body)
-            assert secret not in str(body)
+            answers.append(str(body))
         for sql in LEGIT:
-            status, body = http_json(f"{url}/api/query", {"sql": sql, "params": {}}, timeout=30)
+            status, body = http_json(f"{url}/api/query", {"sql": sql, "params": {}}, token=token, timeout=30)
             assert status == 200, (sql, status, body)
+        answers.append(str(http_json(f"{url}/health")[1]))
+        request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            answers.append(resp.read().decode())
         cli_env = {**os.environ, **env, "LW_KAFKA_BOOTSTRAP": broker, "LW_STATE_DIR": str(tmp_path),
-                   "LW_CLICKHOUSE_URL": url_store, "LW_WEB_PORT": url.rsplit(":", 1)[1], "PYTHONPATH": str(ROOT)}
+                   "LW_CLICKHOUSE_URL": url_store, "LW_WEB_PORT": str(port), "PYTHONPATH": str(ROOT)}
         via_worker = _cli(["query", "SELECT file('/etc/hostname')"], cli_env)
         worker.check()
+        worker.stop()
+        log_text = worker.log_path.read_text(errors="replace")
     direct = _cli(["query", "SELECT file('/etc/hostname')"], {**cli_env, "LW_CLICKHOUSE_URL": f"chdb://{tmp_path / 'other'}"})
     for run in (via_worker, direct):
         assert run.returncode == 2 and "refused: function file()" in run.stderr, (run.stdout, run.stderr)
-        assert secret not in run.stdout + run.stderr
+        answers.append(run.stdout + run.stderr)
+    text = "\n".join(answers)
+    assert hostname not in text
+    leaks = [s for s in (token, sasl_pw, ch_pw, hook_tok) if s in text + log_text]
+    assert not leaks and "DEBUG" in log_text.upper(), leaks
