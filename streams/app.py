@@ -20,6 +20,7 @@ import faust
 from schemas.codec import CodecError, decode, labels_from_record
 from streams import rows as R
 from streams.alerts.feed import AlertFeed
+from streams.event_guard import record_time_ms
 from streams.ingest import MAX_DEAD_LETTER_BYTES, dead_letter, decode_records
 from streams.kafka import faust_credentials
 from streams.pipeline import StagePipeline
@@ -115,8 +116,9 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
         known_models = settings.known_models
         try:
             async for events in stream.take_events(settings.sink_batch_records, within=settings.sink_within_s):
-                raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events]
-                good, dead = decode_records(raw, runtime.limits, known_models)
+                raw = [(e.message.value, e.message.topic, e.message.partition, e.message.offset,
+                        record_time_ms(e.message.timestamp, seconds=True)) for e in events]
+                good, dead = decode_records(raw, runtime.limits, known_models, runtime.guard)
                 for record in dead:
                     await runtime.dead_letter(record)
                 for d in good:
@@ -126,7 +128,7 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
                     try:
                         await _write_step(runtime, good)
                     except RowsRejected as exc:
-                        for value, topic, partition, offset in raw:
+                        for value, topic, partition, offset, _ in raw:
                             await runtime.dead_letter(dead_letter(value, str(exc), topic, partition, offset))
                         continue
                 await pipeline.submit(events, good)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from schemas.codec import CodecError, Limits, decode_batch, encode
+from streams.event_guard import EventGuard
 from streams.rows import Delivered, now_ms
 
 MAX_DEAD_LETTER_BYTES = 1024 * 1024
@@ -20,18 +21,23 @@ def dead_letter(raw: bytes | None, reason: str, topic: str, partition: int, offs
 
 
 def decode_records(
-    records: Iterable[tuple[bytes | None, str, int, int]], limits: Limits, known_models: frozenset[str] | None = None
+    records: Iterable[tuple], limits: Limits, known_models: frozenset[str] | None = None,
+    guard: EventGuard | None = None,
 ) -> tuple[list[Delivered], list[dict]]:
-    """Split (value, topic, partition, offset) records into decoded batches and dead letters."""
+    """Split (value, topic, partition, offset[, record timestamp ms]) records into decoded batches and
+    dead letters; ``guard`` clamps future event times and refuses layer-shape changes (streams.event_guard)."""
     good: list[Delivered] = []
     dead: list[dict] = []
-    for value, topic, partition, offset in records:
+    now = now_ms()
+    for value, topic, partition, offset, *stamp in records:
         try:
             if value is None:
                 raise CodecError("record", "empty record (no value)")
             batch = decode_batch(value, limits)
             if known_models is not None and batch.model_id not in known_models:
                 raise CodecError("model_id", f"unknown model {batch.model_id!r}")
+            if guard is not None:
+                batch = guard.check(batch, stamp[0] if stamp else None, now)
         except CodecError as exc:
             dead.append(dead_letter(value, str(exc), topic, partition, offset))
             continue

@@ -32,6 +32,11 @@ class Metrics:
         )
         self.p_value = Gauge("layerwatch_p_value", "Permutation p-value of the last window", ["model_id", "layer"], registry=r)
         self.windows = Counter("layerwatch_windows_tested_total", "Windows tested", ["model_id"], registry=r)
+        self.clamped = Counter("layerwatch_events_clamped_total",
+                               "Events whose time was ahead of their record's by more than LW_MAX_EVENT_SKEW_S, clamped",
+                               ["model_id"], registry=r)
+        self.late = Counter("layerwatch_events_late_total", "Live events that arrived after their windows closed",
+                            ["model_id"], registry=r)
         self.coalesced = Counter(
             "layerwatch_windows_coalesced_total", "Windows merged into a later one because tests fell behind", ["model_id"], registry=r
         )

@@ -306,8 +306,8 @@ class Recovery:
                     continue
                 empty = 0
                 position = records[-1].offset + 1
-                raw = [(r.value, r.topic, r.partition, r.offset) for r in records]
-                good, dead = decode_records(raw, self.runtime.limits, known)
+                raw = [(r.value, r.topic, r.partition, r.offset, r.timestamp) for r in records]
+                good, dead = decode_records(raw, self.runtime.limits, known, getattr(self.runtime, "guard", None))
                 stats.records += len(records)
                 stats.skipped_records += len(dead)
                 for d in good:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from schemas.codec import Limits, encode
+from streams.event_guard import EventGuard
 from streams.kafka import TOPICS
 from streams.metrics import Metrics
 from streams.rows import Delivered
@@ -130,6 +131,7 @@ class Runtime:
     stages: list[Stage] = field(default_factory=list)
     recovery: "Recovery | None" = None
     window_tests: "WindowTests | None" = None
+    guard: EventGuard | None = None  # clamps future event times, refuses layer-shape changes (ingest and recovery)
 
     @classmethod
     def create(cls, app: Any, settings: Settings, store: Store) -> "Runtime":
@@ -144,6 +146,7 @@ class Runtime:
             limits=Limits(max_record_bytes=settings.max_record_bytes, max_rows=settings.max_batch_rows,
                           max_dim=settings.max_dim),
             agents=parse_agents(settings.agents), topics=Topics.create(app, settings),
+            guard=EventGuard(settings.max_event_skew_s, on_clamped=lambda m, n: metrics.clamped.labels(m).inc(n)),
         )
         runtime.alerts = AlertHub.from_settings(settings, build_sinks(runtime), metrics)
         runtime.stages = build_stages(runtime)

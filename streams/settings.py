@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 SECRET_FIELDS = frozenset({"kafka_sasl_password", "clickhouse_password", "web_token", "webhook_token"})
+#: Fields holding URLs (or comma lists of them) that may embed credentials: shown with those masked.
+URL_FIELDS = ("clickhouse_url", "webhook_url", "kafka_bootstrap")
 
 
 class SettingsError(ValueError):
@@ -61,6 +63,7 @@ class Settings:
     max_record_bytes: int = 32 * 1024 * 1024
     max_batch_rows: int = 65_536
     max_dim: int = 16_384
+    max_event_skew_s: float = 5.0  # event times further ahead of their Kafka record's timestamp are clamped to it
     # windows and tests
     window_size_s: float = 10.0
     window_step_s: float = 5.0
@@ -110,11 +113,25 @@ class Settings:
         """Full topic name for a short name such as 'predictions'."""
         return f"{self.topic_prefix}{name}"
 
+    @property
+    def classifier_file(self) -> Path:
+        """``classifier_path``, or its default ``<state_dir>/classifier/classifier.skops``."""
+        return Path(self.classifier_path) if self.classifier_path else self.state_path / "classifier" / "classifier.skops"
+
     def safe_dict(self) -> dict[str, Any]:
-        """The settings with secrets masked, for logs and `layerwatch config`."""
-        return {
-            k: ("***" if k in SECRET_FIELDS and v else v) for k, v in dataclasses.asdict(self).items()
-        }
+        """The effective settings with secrets masked, for logs and `layerwatch config`: secret
+        fields read ``***``, URLs lose their passwords and credential query values, and
+        defaults derived from other settings (``classifier_path``) show their value."""
+        from streams.secrets import mask
+
+        out = dataclasses.asdict(self)
+        out["classifier_path"] = str(self.classifier_file)
+        for k in URL_FIELDS:
+            out[k] = mask(out[k])
+        return {k: ("***" if k in SECRET_FIELDS and v else v) for k, v in out.items()}
+
+    def __repr__(self) -> str:
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.safe_dict().items()) + ")"
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

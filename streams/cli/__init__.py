@@ -33,13 +33,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streams.broker import BrokerUnavailable
     from streams.store import StoreError
 
+    from streams import secrets
+
+    secrets.install()  # URL passwords and tokens are masked in every log line and traceback from here on
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
         settings = load_settings(toml_path=args.config)
+        secrets.install(settings)
         code = args.func(args, settings)
     except (UsageError, SettingsError, BrokerUnavailable, StoreError) as exc:
-        print(f"layerwatch: {exc}" if not str(exc).startswith("layerwatch") else str(exc), file=sys.stderr)
+        text = secrets.mask(exc)
+        print(f"layerwatch: {text}" if not text.startswith("layerwatch") else text, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

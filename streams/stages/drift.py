@@ -97,7 +97,10 @@ class DriftStage:
             if b.role == "reference":
                 self.references.mark_stale((b.model_id, b.model_version))
                 continue
+            late = self.windows.late_events
             self.enqueue(self.replay(b, d.partition))
+            if self.windows.late_events > late:
+                self.metrics.late.labels(b.model_id).inc(self.windows.late_events - late)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -42,14 +42,20 @@ class ReadonlyLimits:
     max_result_rows: int = 100_000
     max_result_bytes: int = 256 * 1024 * 1024
     max_execution_time: int = 30  # seconds
+    max_memory_usage: int = 1024 * 1024 * 1024  # bytes per query (an aggregation past it fails, the worker lives)
+    max_rows_to_read: int = 1_000_000_000
 
     def settings(self) -> dict[str, Any]:
-        """ClickHouse settings enforcing these limits (readonly last)."""
+        """ClickHouse settings enforcing these limits (readonly last: nothing can change them after it)."""
         return {
             "max_result_rows": int(self.max_result_rows),
             "max_result_bytes": int(self.max_result_bytes),
             "result_overflow_mode": "throw",
             "max_execution_time": int(self.max_execution_time),
+            "timeout_overflow_mode": "throw",
+            "max_memory_usage": int(self.max_memory_usage),
+            "max_rows_to_read": int(self.max_rows_to_read),
+            "read_overflow_mode": "throw",
             "readonly": 1,
         }
 
@@ -129,9 +135,10 @@ class Store(abc.ABC):
               readonly: bool = False) -> list[tuple]:
         """Run one statement with ``{name}`` parameters; return its rows.
 
-        ``readonly=True`` accepts only a single SELECT/WITH/SHOW/DESCRIBE/
-        EXPLAIN/EXISTS statement and runs it with ``readonly=1`` and the
-        store's ``ReadonlyLimits`` (result rows/bytes, execution time).
+        ``readonly=True`` accepts only one SELECT over layerwatch's tables
+        (``streams.store.policy``; else ``QueryRefused``) and runs it with
+        ``readonly=1`` and the store's ``ReadonlyLimits`` (result rows/bytes,
+        rows read, memory, execution time).
         DateTime values come back as naive UTC datetimes; String values as str,
         or bytes when not valid UTF-8.
         """

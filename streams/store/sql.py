@@ -41,7 +41,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _AFTER_IN = re.compile(r"\bIN\s*$", re.IGNORECASE)
 
-# Statements a read-only query may start with.
+# Statements that return rows (the chDB backend asks Arrow for the column names of an empty result).
 READ_KEYWORDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
 
 
@@ -280,32 +280,16 @@ def is_read_statement(sql: str) -> bool:
 
 
 def check_readonly(sql: str) -> str:
-    """Validate that ``sql`` is exactly one read statement; return it without
-    comments or trailing ';'. Raises StoreError otherwise.
+    """The statement to run for a read-only query, or StoreError (``QueryRefused``) saying why not.
 
-    This is the first of two guards: the engines also run the statement with
-    ``readonly=1``. ``INTO OUTFILE`` is refused here because an embedded engine
-    (chDB) would write the file from this very process even in read-only mode.
+    The query is parsed and checked by ``streams.store.policy`` (one SELECT over layerwatch's
+    tables, no table function or scalar function that reads outside them, no SETTINGS,
+    FORMAT or INTO OUTFILE); the engines then also run it with ``readonly=1`` and the
+    store's limits.
     """
-    statements = split_statements(sql)
-    if not statements:
-        raise StoreError("read-only query is empty")
-    if len(statements) > 1:
-        raise StoreError(
-            f"read-only query must be a single statement, got {len(statements)}"
-        )
-    stmt = statements[0]
-    kw = first_keyword(stmt)
-    if kw not in READ_KEYWORDS:
-        raise StoreError(
-            "read-only query must be a single "
-            + "/".join(k for k in READ_KEYWORDS if k != "DESC")
-            + f" statement, got {kw or 'nothing'}"
-        )
-    code = " ".join(t for k, t in _segments(stmt) if k == "code").upper()
-    if re.search(r"\bINTO\s+OUTFILE\b", code):
-        raise StoreError("read-only query must not write files (INTO OUTFILE)")
-    return stmt
+    from .policy import check_query
+
+    return check_query(sql)
 
 
 def has_inline_data(sql: str) -> bool:

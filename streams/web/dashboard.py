@@ -36,6 +36,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 from schemas.batch import COMBINED, PENULTIMATE
 from streams.rows import now_ms
+from streams.secrets import mask
 from streams.store.statements import (
     MODEL_LAYERS_SQL,
     MODEL_EVENTS_SQL,
@@ -448,7 +449,7 @@ def register_dashboard_views(app: Any, runtime: Any) -> None:
                 except BadParameter as exc:
                     return self.json({"error": str(exc)}, status=400, headers=API_HEADERS)
                 except StoreError as exc:
-                    return self.json({"error": f"store: {exc}"}, status=503, headers=API_HEADERS)
+                    return self.json({"error": mask(f"store: {exc}")}, status=503, headers=API_HEADERS)
                 return self.json(body, headers=API_HEADERS)
 
         Data.__name__ = Data.__qualname__ = "Dashboard" + path.rsplit("/", 1)[-1].title()

@@ -13,6 +13,7 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
+from streams.secrets import mask, mask_data
 from streams.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def register_api_views(app: faust.App, runtime: Any) -> None:
     @app.page("/health")
     class Health(View):
         async def get(self, request: Request) -> Response:
-            health = runtime.health()
+            health = mask_data(runtime.health())
             return self.json(health, status=200 if health["status"] == "ok" else 503)
 
     @app.page("/metrics")
@@ -61,5 +62,5 @@ def register_api_views(app: faust.App, runtime: Any) -> None:
             try:
                 names, rows = await runtime.writer.query_columns(sql, params)
             except StoreError as exc:
-                return self.json({"error": str(exc)}, status=400)
+                return self.json({"error": mask(exc)}, status=400)
             return self.json({"columns": names, "rows": rows})

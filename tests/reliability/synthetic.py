@@ -4,7 +4,8 @@ Event times are explicit (``base + i * spacing``) and lie one hour ahead of the 
 clock, so windows close on the event-time watermark only (``close_idle`` runs on the
 wall clock and never reaches them): what the windows hold is a function of the stream,
 not of how fast the worker happened to be. The Kafka record timestamps stay the send
-time, which is what the window rebuild bounds its read by.
+time, which is what the window rebuild bounds its read by. Workers fed these streams need
+``LW_MAX_EVENT_SKEW_S`` above an hour, or the event guard clamps the times to the send time.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def test_outage_of_30s_under_load_degrades_health_applies_backpressure_and_loses
     plan = Plan(base_ms=future_base(2000), n_batches=450, batch=50, spacing_ms=2)
     with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=store_url, bootstrap=broker) as stack:
         stack.env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"layerwatch-{prefix}", "LW_TOPIC_PARTITIONS": "2",
-                     "LW_AGENTS": "sink,drift,alerts", "LW_SINK_BATCH_RECORDS": "32", "LW_SINK_WITHIN_S": "0.2"}
+                     "LW_AGENTS": "sink,drift,alerts", "LW_SINK_BATCH_RECORDS": "32", "LW_SINK_WITHIN_S": "0.2",
+                     "LW_MAX_EVENT_SKEW_S": "7200"}  # the synthetic event times lie an hour ahead (future_base)
         worker, url = stack.start_worker()
         publisher = PacedPublisher(broker, prefix + "predictions", plan, period_s=0.1).start()
         topic_rows = "SELECT uniqExact(event_id) FROM predictions WHERE model_id = {m}"

@@ -58,6 +58,7 @@ def test_sigkill_mid_stream_then_restart_keeps_everything_exactly_once(broker, c
     with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=chdb_url, bootstrap=broker) as stack:
         stack.env = {
             "LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"layerwatch-{prefix}", "LW_TOPIC_PARTITIONS": "2",
+            "LW_MAX_EVENT_SKEW_S": "7200",  # the synthetic event times lie an hour ahead (synthetic.future_base)
             "LW_WINDOW_SIZE_S": str(SIZE_MS / 1000), "LW_WINDOW_STEP_S": str(STEP_MS / 1000),
             "LW_WINDOW_MAX_SAMPLES": "256", "LW_WINDOW_MIN_SAMPLES": "50", "LW_MMD_PERMUTATIONS": "50",
             "LW_DETECTION_REPEATS": "10", "LW_DETECTION_M": "50", "LW_AGENTS": "sink,drift,alerts",

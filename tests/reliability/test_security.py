@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from streams.settings import Settings
+from tests.reliability.sql_corpus import HOSTILE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -276,6 +277,9 @@ def test_worker_api_token_readonly_bounds_and_no_secret_in_logs(broker, clickhou
         for sql in FORBIDDEN:
             status, body = http_json(f"{url}/api/query", {"sql": sql, "params": {}}, token=token)
             assert status == 400 and body.get("error"), (sql, status, body)
+        for sql, reason in HOSTILE:  # the SQL policy's corpus (test_sql_policy.py runs it on a chDB worker)
+            status, body = http_json(f"{url}/api/query", {"sql": sql, "params": {}}, token=token)
+            assert status == 400 and reason in body.get("error", ""), (sql, status, body)
         status, body = http_json(f"{url}/api/query", {"sql": "SELECT number FROM system.numbers LIMIT 200000"},
                                  token=token)
         assert status == 400 and re.search(r"(?i)limit for result|more than", body["error"]), body

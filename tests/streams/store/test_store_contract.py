@@ -227,15 +227,15 @@ def test_readonly_rejects_writes(store: Store, sql: str) -> None:
 
 
 def test_readonly_setting_blocks_writes_in_the_engine(store: Store) -> None:
-    # Past the statement check, the engine itself refuses (readonly=1).
+    # Past the policy (streams.store.policy), the engine itself refuses (readonly=1).
     with pytest.raises(StoreError) as ei:
         store._execute("INSERT INTO predictions (event_id) SELECT 'x'", readonly=True)
     assert ei.value.code == 164
     with pytest.raises(StoreError) as ei:
-        store.query("SELECT 1 SETTINGS readonly = 0", readonly=True)
+        store._execute("SELECT 1 SETTINGS readonly = 0", readonly=True)
     assert ei.value.code == 164
     with pytest.raises(StoreError) as ei:
-        store.query("SELECT 1 SETTINGS max_result_rows = 0", readonly=True)
+        store._execute("SELECT 1 SETTINGS max_result_rows = 0", readonly=True)
     assert ei.value.code == 164
     assert store.query("SELECT count() FROM predictions") == [(0,)]
     # and the store's own session is still writable afterwards

@@ -72,21 +72,21 @@ def test_split_statements_respects_quotes_and_comments() -> None:
 
 
 @pytest.mark.parametrize("sql", [
-    "SELECT 1", "  with x AS (SELECT 1) SELECT * FROM x", "SHOW TABLES", "DESCRIBE TABLE t",
-    "EXPLAIN SELECT 1", "(SELECT 1)", "-- hello\nSELECT 1;", "SELECT ';' AS s",
+    "SELECT 1", "  with x AS (SELECT 1) SELECT * FROM x", "(SELECT 1)", "-- hello\nSELECT 1;", "SELECT ';' AS s",
 ])
 def test_check_readonly_accepts(sql: str) -> None:
     assert check_readonly(sql)
 
 
 @pytest.mark.parametrize("sql,match", [
-    ("INSERT INTO t SELECT 1", "got INSERT"),
-    ("DROP TABLE t", "got DROP"),
-    ("SELECT 1; DROP TABLE t", "single statement"),
-    ("SELECT 1; SELECT 2", "single statement"),
+    ("INSERT INTO predictions SELECT 1", "got INSERT"),
+    ("DROP TABLE predictions", "got DROP"),
+    ("SELECT 1; DROP TABLE predictions", "one statement"),
+    ("SELECT 1; SELECT 2", "one statement"),
     ("SET readonly = 0", "got SET"),
-    ("ALTER TABLE t DELETE WHERE 1", "got ALTER"),
-    ("SELECT 1 INTO OUTFILE '/tmp/x'", "OUTFILE"),
+    ("ALTER TABLE predictions DELETE WHERE 1", "got ALTER"),
+    ("SELECT 1 INTO OUTFILE '/tmp/x'", "cannot parse"),
+    ("SHOW TABLES", "got SHOW"),
     ("", "empty"),
     ("-- only a comment", "empty"),
 ])
