@@ -23,6 +23,7 @@ from streams.alerts.feed import AlertFeed
 from streams.event_guard import record_time_ms
 from streams.ingest import MAX_DEAD_LETTER_BYTES, dead_letter, decode_records
 from streams.kafka import faust_credentials
+from streams.lag import report_lag_forever
 from streams.pipeline import StagePipeline
 from streams.runtime import INGEST_AGENTS, Runtime, parse_agents
 from streams.settings import Settings
@@ -98,6 +99,11 @@ def _add_lifecycle(app: faust.App, runtime: Runtime) -> None:
     async def start_stages() -> None:
         await runtime.start()
 
+    @app.task
+    async def report_lag() -> None:
+        await report_lag_forever(app, runtime.metrics.consumer_lag, [runtime.settings.topic("predictions")],
+                                 runtime.settings.lag_interval_s)
+
     @app.on_before_shutdown.connect
     async def stop_stages(sender: Any, **_: Any) -> None:
         await runtime.stop()
@@ -121,6 +127,7 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
                 good, dead = decode_records(raw, runtime.limits, known_models, runtime.guard)
                 for record in dead:
                     await runtime.dead_letter(record)
+                metrics.last_ingest.set_to_current_time()
                 for d in good:
                     metrics.records.labels(d.topic).inc()
                     metrics.events.labels(d.batch.model_id, d.batch.role).inc(d.batch.n)

@@ -1,4 +1,12 @@
-"""Prometheus metrics of one worker, in a registry of its own (so tests can build several apps)."""
+"""Prometheus metrics of one worker, in a registry of its own (so tests can build several apps).
+
+Names follow the Prometheus conventions: the unit in the name (``_seconds``, ``_records``,
+``_ratio``), ``_total`` on counters, and bounded label sets: ``model_id`` and ``layer``
+(one series per tapped layer of a served model), plus small fixed enumerations (topic,
+table, stage, alert kind and state, sink, action). Never an event or client id.
+docs/operations.md lists every metric and the rules in deploy/prometheus/rules.yml that
+read them; a rename here must be made there too (tests/deploy/test_prometheus.py checks).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+#: ``p_adversarial`` at or above this marks an event as flagged by the attack classifier.
+FLAGGED_P = 0.5
+
 
 class Metrics:
     """Every metric the worker exposes on `/metrics`."""
@@ -19,6 +30,12 @@ class Metrics:
         r = self.registry
         self.events = Counter("layerwatch_events_total", "Predictions consumed", ["model_id", "role"], registry=r)
         self.records = Counter("layerwatch_records_total", "Kafka records consumed", ["topic"], registry=r)
+        self.last_ingest = Gauge("layerwatch_last_ingest_timestamp_seconds",
+                                 "Unix time the ingest agent last consumed a prediction record", registry=r)
+        self.consumer_lag = Gauge(
+            "layerwatch_consumer_lag_records",
+            "Records of the topic not yet committed by this worker's consumer group, summed over its "
+            "assigned partitions (NaN: unknown, the broker's answer is not trustworthy)", ["topic"], registry=r)
         self.dlq = Counter("layerwatch_dead_letters_total", "Records sent to the dead-letter topic", ["topic"], registry=r)
         self.rows = Counter("layerwatch_rows_written_total", "Rows written to ClickHouse", ["table"], registry=r)
         self.store_errors = Counter("layerwatch_store_errors_total", "Failed store writes (retried)", registry=r)
@@ -28,9 +45,11 @@ class Metrics:
                                      ["stage"], registry=r)
         self.store_up = Gauge("layerwatch_store_up", "1 when the last store write succeeded", registry=r)
         self.detection_rate = Gauge(
-            "layerwatch_detection_rate", "LADIS detection rate of the last window", ["model_id", "layer"], registry=r
+            "layerwatch_detection_ratio", "LADIS detection rate (0..1) of the last window tested",
+            ["model_id", "layer"], registry=r,
         )
-        self.p_value = Gauge("layerwatch_p_value", "Permutation p-value of the last window", ["model_id", "layer"], registry=r)
+        self.p_value = Gauge("layerwatch_p_value", "Permutation p-value of the last window tested",
+                             ["model_id", "layer"], registry=r)
         self.windows = Counter("layerwatch_windows_tested_total", "Windows tested", ["model_id"], registry=r)
         self.clamped = Counter("layerwatch_events_clamped_total",
                                "Events whose time was ahead of their record's by more than LW_MAX_EVENT_SKEW_S, clamped",
@@ -47,13 +66,20 @@ class Metrics:
                                            "Published windows sampled down to fit LW_MAX_WINDOW_BYTES", ["model_id"],
                                            registry=r)
         self.test_seconds = Histogram(
-            "layerwatch_test_seconds", "Wall time of one window's MMD tests",
+            "layerwatch_window_test_duration_seconds", "Wall time of one window's drift tests",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
         )
         self.labelled = Counter("layerwatch_events_labelled_total", "Events labelled by the attack classifier", ["model_id"], registry=r)
-        self.open_alerts = Gauge("layerwatch_open_alerts", "Alerts currently open", ["model_id", "kind"], registry=r)
-        self.alerts = Counter("layerwatch_alerts_total", "Alert transitions", ["model_id", "kind", "state"], registry=r)
-        self.webhook_failures = Counter("layerwatch_webhook_failures_total", "Webhook deliveries that failed after retries", registry=r)
+        self.flagged = Counter("layerwatch_events_flagged_total",
+                               f"Events the attack classifier flags as adversarial (p_adversarial >= {FLAGGED_P})",
+                               ["model_id"], registry=r)
+        self.probing = Counter("layerwatch_probing_detections_total",
+                               "Clients flagged for probing (near-identical queries)", ["model_id"], registry=r)
+        self.open_alerts = Gauge("layerwatch_alerts_open", "Alerts currently open", ["model_id", "kind"], registry=r)
+        self.alerts = Counter("layerwatch_alert_transitions_total", "Alert transitions (open, resolved)",
+                              ["model_id", "kind", "state"], registry=r)
+        self.delivery_failures = Counter("layerwatch_alert_delivery_failures_total",
+                                         "Alert transitions a sink gave up delivering (dead-lettered)", ["sink"], registry=r)
         self.actions = Counter("layerwatch_actions_total", "Actions published for the model server", ["action"], registry=r)
 
     def render(self) -> bytes:

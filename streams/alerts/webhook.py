@@ -197,4 +197,4 @@ def webhook_sink(runtime: "Runtime") -> WebhookSink | None:
     metrics = runtime.metrics
     return WebhookSink(s.webhook_url, token=s.webhook_token, timeout_s=s.webhook_timeout_s, format=s.webhook_format,
                        attempts=s.webhook_attempts, dead_letter=runtime.dead_letter,
-                       on_failure=metrics.webhook_failures.inc)
+                       on_failure=metrics.delivery_failures.labels("webhook").inc)

@@ -27,6 +27,7 @@ import numpy as np
 
 from schemas.batch import LabelBatch, PredictionBatch
 from schemas.codec import encode_labels
+from streams.metrics import FLAGGED_P
 from streams.rows import Delivered
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,10 @@ def label_batches(classifier: Any, batches: Sequence[PredictionBatch]) -> list[L
     return out
 
 
-def encoded_labels(classifier: Any, batches: Sequence[PredictionBatch]) -> list[tuple[str, int, bytes]]:
-    """(model id, events, AttackLabels record) per usable batch: :func:`label_batches`, encoded."""
-    return [(lb.model_id, lb.n, encode_labels(lb)) for lb in label_batches(classifier, batches)]
+def encoded_labels(classifier: Any, batches: Sequence[PredictionBatch]) -> list[tuple[str, int, int, bytes]]:
+    """(model id, events, flagged events, AttackLabels record) per usable batch: :func:`label_batches`, encoded."""
+    return [(lb.model_id, lb.n, int(np.count_nonzero(lb.p_adversarial >= FLAGGED_P)), encode_labels(lb))
+            for lb in label_batches(classifier, batches)]
 
 
 class ClassifyStage:
@@ -87,7 +89,7 @@ class ClassifyStage:
     name = "classify"
 
     def __init__(self, runtime: Any, executor: ThreadPoolExecutor | None = None):
-        self.topic, self.labelled = runtime.topics.labels, runtime.metrics.labelled
+        self.topic, self.labelled, self.flagged = runtime.topics.labels, runtime.metrics.labelled, runtime.metrics.flagged
         self.path = classifier_path(runtime.settings)
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-classify")
         self.classifier: Any = None
@@ -140,9 +142,10 @@ class ClassifyStage:
                                 "expects %d classes: its events are not labelled", b.model_id, b.outputs.shape[1:],
                                 classifier.spec.n_classes)
         records = await asyncio.get_running_loop().run_in_executor(self.executor, encoded_labels, classifier, live)
-        for model_id, n, value in records:
+        for model_id, n, flagged, value in records:
             await self.topic.send(key=model_id.encode(), value=value)
             self.labelled.labels(model_id).inc(n)
+            self.flagged.labels(model_id).inc(flagged)
 
     async def start(self) -> None:
         return None

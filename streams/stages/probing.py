@@ -62,6 +62,7 @@ class ProbingStage:
             action = {"client_id": hit.client_id, "action": "throttle", "model_id": model_id,
                       "until_ms": now_ms() + int(s.probing_throttle_s * 1000),
                       "reason": f"probing: {hit.count} near-identical queries in {s.probing_window_s:.0f} s"}
+            self.metrics.probing.labels(model_id).inc()
             self.metrics.actions.labels("throttle").inc()
             await self.actions.send(key=hit.client_id.encode(), value=encode("Action", action))
 

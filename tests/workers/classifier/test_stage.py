@@ -31,9 +31,11 @@ def test_label_batches_encode_with_the_codec(trained, small_dataset):
                _batch("odd", np.full((3, 4), 0.25, np.float32))]  # other width: left out
     records = encoded_labels(clf, batches)
     assert calls == [12]  # one predict call for the whole delivery
-    assert [(model, n) for model, n, _ in records] == [("cnn", 5), ("mlp", 7)]
+    assert [(model, n) for model, n, _, _ in records] == [("cnn", 5), ("mlp", 7)]
     expected = predict(small_dataset.outputs[:12])
-    for (_, _, value), batch, sl in zip(records, batches, (slice(0, 5), slice(5, 12))):
+    assert [flagged for _, _, flagged, _ in records] == [
+        int((expected.p_adversarial[sl] >= 0.5).sum()) for sl in (slice(0, 5), slice(5, 12))]
+    for (_, _, _, value), batch, sl in zip(records, batches, (slice(0, 5), slice(5, 12))):
         name, record = decode(value, expect="AttackLabels")
         decoded = labels_from_record(record)
         assert decoded.event_ids == batch.event_ids and decoded.classifier_version == clf.version
@@ -63,7 +65,7 @@ class _Counter:
 def test_stage_waits_for_a_classifier_then_labels_live_batches(trained, small_dataset, tmp_path, caplog):
     path = tmp_path / "later" / "classifier.skops"
     runtime = SimpleNamespace(settings=SimpleNamespace(classifier_path=str(path), state_path=tmp_path),
-                              topics=SimpleNamespace(labels=_Topic()), metrics=SimpleNamespace(labelled=_Counter()))
+                              topics=SimpleNamespace(labels=_Topic()), metrics=SimpleNamespace(labelled=_Counter(), flagged=_Counter()))
     stage = ClassifyStage(runtime)
     live = Delivered(_batch("cnn", small_dataset.outputs[:6]), "lw.predictions", 0, 1)
     reference = Delivered(_batch("cnn", small_dataset.outputs[:4], role="reference"), "lw.predictions", 0, 2)
@@ -86,6 +88,8 @@ def test_stage_waits_for_a_classifier_then_labels_live_batches(trained, small_da
     sent = runtime.topics.labels.sent
     assert len(sent) == 1 and sent[0][0] == b"cnn"
     _, record = decode(sent[0][1], expect="AttackLabels")
-    assert labels_from_record(record).n == 6
+    labels = labels_from_record(record)
+    assert labels.n == 6
     assert runtime.metrics.labelled.counts == {"cnn": 6}
+    assert runtime.metrics.flagged.counts == {"cnn": int((labels.p_adversarial >= 0.5).sum())}
     stage.executor.shutdown()
