@@ -7,7 +7,7 @@ batch's *first* offset + 1 (a partition holding 15 records in one batch answers 
 lag computed from it goes negative. The high watermark that the broker returns with every
 Fetch response is right on Tansu and on Kafka, and the worker's consumer already keeps it
 per assigned partition: that is the end offset used here. A partition whose high
-watermark is not known yet (no fetch answered), whose group has no committed offset, or
+watermark is not known yet (no fetch answered), whose group has no committed offset (unless it is empty), or
 whose end is below the committed offset (a broker answering wrongly) has an unknown lag,
 and a topic with any unknown partition reports NaN rather than a made-up number.
 """
@@ -25,10 +25,14 @@ log = logging.getLogger(__name__)
 def partition_lag(end: int | None, committed: int | None) -> int | None:
     """Records between the committed offset and the end offset; None when either is unknown or they contradict.
 
+    An empty partition (end 0) has no lag even before the group committed anything.
+
     Example:
-        >>> partition_lag(15, 2), partition_lag(1, 2), partition_lag(None, 2), partition_lag(15, None)
-        (13, None, None, None)
+        >>> partition_lag(15, 2), partition_lag(1, 2), partition_lag(None, 2), partition_lag(15, None), partition_lag(0, None)
+        (13, None, None, None, 0)
     """
+    if end == 0 and committed is None:
+        return 0
     if end is None or committed is None or end < 0 or committed < 0 or end < committed:
         return None
     return end - committed

@@ -15,6 +15,7 @@ def test_partition_lag_is_unknown_when_the_answers_contradict() -> None:
     assert partition_lag(2, 2) == 0
     assert partition_lag(1, 2) is None  # end below committed: a wrong answer, not a negative lag
     assert partition_lag(None, 0) is None and partition_lag(5, None) is None
+    assert partition_lag(0, None) == 0  # an empty partition, nothing committed yet
 
 
 def test_topic_lag_sums_partitions_and_is_nan_when_one_is_unknown() -> None:
