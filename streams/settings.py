@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-SECRET_FIELDS = frozenset({"kafka_sasl_password", "clickhouse_password", "web_token", "webhook_token"})
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "clickhouse_password", "web_token", "webhook_token",
+                           "alertmanager_token"})
 #: Fields holding URLs (or comma lists of them) that may embed credentials: shown with those masked.
-URL_FIELDS = ("clickhouse_url", "webhook_url", "kafka_bootstrap")
+URL_FIELDS = ("clickhouse_url", "webhook_url", "alertmanager_url", "kafka_bootstrap")
 
 
 class SettingsError(ValueError):
@@ -86,12 +87,18 @@ class Settings:
     alert_consecutive: int = 2
     alert_clear_windows: int = 2
     alert_adversarial_share: float = 0.3
-    alert_sinks: str = "kafka,webhook"  # comma list: kafka, webhook, or package.module:factory
+    alert_sinks: str = "kafka,webhook,alertmanager"  # comma list: kafka, webhook, alertmanager, or package.module:factory
     webhook_url: str = ""
     webhook_format: str = "json"  # json (the Alert record) or slack (incoming-webhook text + blocks)
     webhook_attempts: int = 5
     webhook_token: str = _secret()
     webhook_timeout_s: float = 5.0
+    alertmanager_url: str = ""  # base URL of an Alertmanager (http://host:9093); the sink posts to /api/v2/alerts
+    alertmanager_resend_s: float = 60.0  # open alerts are re-pushed this often (they expire after 4x without)
+    alertmanager_attempts: int = 5
+    alertmanager_timeout_s: float = 5.0
+    alertmanager_token: str = _secret()  # bearer token, when a proxy in front of Alertmanager asks for one
+    alertmanager_generator_url: str = ""  # link shown in Alertmanager (e.g. this worker's dashboard)
     # probing
     probing_similarity: float = 0.98
     probing_min_queries: int = 20

@@ -2,7 +2,8 @@
 
 Every alert transition the hub publishes goes to each configured sink. ``LW_ALERT_SINKS``
 lists them: built-in names (``kafka``: the ``lw.alerts`` topic, which the results sink
-stores in ClickHouse; ``webhook``: JSON POSTs to ``LW_WEBHOOK_URL``) or your own as
+stores in ClickHouse; ``webhook``: JSON POSTs to ``LW_WEBHOOK_URL``; ``alertmanager``: Alertmanager's v2 API at
+``LW_ALERTMANAGER_URL``) or your own as
 ``package.module:factory``. A factory is called with the worker's runtime and returns a
 sink, or None when the sink is not configured (the webhook without a URL).
 """
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 BUILTIN_SINKS = {
     "kafka": "streams.alerts.sinks:KafkaSink",
     "webhook": "streams.alerts.webhook:webhook_sink",
+    "alertmanager": "streams.alerts.alertmanager:alertmanager_sink",
 }
 
 

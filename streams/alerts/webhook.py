@@ -122,7 +122,7 @@ class WebhookSink:
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:
-            await self._give_up(record, "webhook queue full")
+            await self._give_up(record, f"{self.name} queue full")
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Deliver what is queued (up to ``timeout_s``), then stop."""
@@ -131,8 +131,12 @@ class WebhookSink:
         try:
             await asyncio.wait_for(self.queue.join(), timeout_s)
         except asyncio.TimeoutError:
-            log.warning("webhook %s: %d alert(s) still queued at shutdown", endpoint(self.url), self.queue.qsize())
+            log.warning("%s %s: %d alert(s) still queued at shutdown", self.name, endpoint(self.url), self.queue.qsize())
         self.task.cancel()
+
+    def body(self, record: dict[str, Any]) -> bytes:
+        """The POST body for one Alert record, in this sink's format."""
+        return json.dumps(FORMATS[self.format](record)).encode()
 
     async def _deliver_forever(self) -> None:
         import aiohttp
@@ -149,7 +153,7 @@ class WebhookSink:
     async def _deliver(self, session: Any, record: dict[str, Any]) -> None:
         import aiohttp
 
-        body = json.dumps(FORMATS[self.format](record)).encode()
+        body = self.body(record)
         backoff, problem = self.backoff_s, ""
         for attempt in range(1, self.attempts + 1):
             wait = backoff
@@ -160,7 +164,7 @@ class WebhookSink:
                         return
                     problem = f"HTTP {resp.status} {resp.reason or ''}".strip()
                     if not retryable(resp.status):
-                        await self._give_up(record, f"webhook {endpoint(self.url)} answered {problem}")
+                        await self._give_up(record, f"{self.name} {endpoint(self.url)} answered {problem}")
                         return
                     asked = retry_after_s(resp.headers.get("Retry-After"))
                     if asked is not None:
@@ -170,7 +174,7 @@ class WebhookSink:
             if attempt < self.attempts:
                 await asyncio.sleep(wait)  # retry backoff
                 backoff = min(backoff * 2, self.max_backoff_s)
-        await self._give_up(record, f"webhook {endpoint(self.url)} failed {self.attempts} times, last: {problem}")
+        await self._give_up(record, f"{self.name} {endpoint(self.url)} failed {self.attempts} times, last: {problem}")
 
     async def _give_up(self, record: dict[str, Any], reason: str) -> None:
         self.failed += 1
