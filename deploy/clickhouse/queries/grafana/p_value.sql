@@ -1,0 +1,10 @@
+-- grafana: panel 2 (p-value per model and layer), target A
+SELECT
+    toDateTime(intDiv(window_end_ms, 1000)) AS time,
+    concat(model_id, ' / ', layer) AS series,
+    min(p_value) AS p_value
+FROM drift_windows FINAL
+WHERE $__timeFilter(ts)
+  AND model_id IN (${model:singlequote})
+GROUP BY time, series
+ORDER BY time
