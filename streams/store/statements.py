@@ -80,6 +80,27 @@ ORDER BY model_id
 LIMIT {limit}
 """
 
+# The time span of the stored data (the dashboard's default range): one row per source,
+# with its row count, since min()/max() of an empty table are 0, not NULL.
+DATA_SPAN_SQL = """
+SELECT 'drift' AS source, count() AS n, min(window_start_ms) AS first_ms, max(window_end_ms) AS last_ms
+FROM drift_windows
+WHERE ts >= toDateTime({since_s})
+UNION ALL
+SELECT 'predictions' AS source, count() AS n, min(ts_ms) AS first_ms, max(ts_ms) AS last_ms
+FROM predictions
+WHERE ts >= toDateTime({since_s})
+LIMIT 2
+"""
+
+MODEL_REFERENCE_SQL = """
+SELECT model_id, uniqExact(event_id) AS reference_events
+FROM reference_embeddings
+GROUP BY model_id
+ORDER BY model_id
+LIMIT {limit}
+"""
+
 DRIFT_SQL = """
 SELECT model_id, layer, window_id, model_version, window_start_ms, window_end_ms,
        detection_rate, p_value, mmd2, n_window, n_reference
@@ -180,7 +201,8 @@ LIMIT {limit}
 """
 
 DASHBOARD_QUERIES = {
-    "model_layers": MODEL_LAYERS_SQL, "model_events": MODEL_EVENTS_SQL, "drift": DRIFT_SQL,
+    "model_layers": MODEL_LAYERS_SQL, "model_events": MODEL_EVENTS_SQL, "model_reference": MODEL_REFERENCE_SQL,
+    "data_span": DATA_SPAN_SQL, "drift": DRIFT_SQL,
     "alert_bands": ALERT_BANDS_SQL, "label_mix": LABEL_MIX_SQL, "alerts": ALERTS_SQL, "window": WINDOW_SQL,
     "window_events": WINDOW_EVENTS_SQL, "window_labels": WINDOW_LABELS_SQL, "window_inputs": WINDOW_INPUTS_SQL,
 }

@@ -15,7 +15,9 @@ Routes (Faust views on the worker's HTTP server, ``LW_WEB_HOST``:``LW_WEB_PORT``
 - ``GET /api/dashboard/window?window_id=...``: one window's most suspicious events, with
   the model's input (the demo's 8x8 digit images) when the publisher sent it.
 
-Every data view takes ``minutes`` (default 15, at most 1440) and answers 401 without
+Every data view takes ``minutes`` (default 15, at most 7 days) or ``range=data``: the span
+of the stored data (the page's default, so a finished run is shown whole, however long
+ago it ran), and answers 401 without
 ``Authorization: Bearer <LW_WEB_TOKEN>`` when a token is configured. The page reads the
 token from the URL fragment (``http://host:port/#token=...``; a fragment never reaches the
 server, so it cannot land in access logs), keeps it in the tab's sessionStorage, removes it
@@ -34,12 +36,16 @@ import math
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from schemas.batch import COMBINED, PENULTIMATE
 from streams.rows import now_ms
 from streams.secrets import mask
 from streams.store.statements import (
     MODEL_LAYERS_SQL,
     MODEL_EVENTS_SQL,
+    MODEL_REFERENCE_SQL,
+    DATA_SPAN_SQL,
     DRIFT_SQL,
     ALERT_BANDS_SQL,
     LABEL_MIX_SQL,
@@ -60,8 +66,10 @@ STATIC_FILES = {  # name -> content type; nothing else under /static is served
 PLOTLY_JS = "plotly.min.js"
 
 DEFAULT_MINUTES = 15
-MAX_MINUTES = 1440
+MAX_MINUTES = 7 * 1440
+SPAN_LOOKBACK_DAYS = 30  # how far back the data-span range looks for data
 MAX_DRIFT_ROWS = 50_000  # window points over all series in one answer
+MAX_SERIES_POINTS = 600  # points drawn per chart; longer series are downsampled (peaks kept)
 MAX_MODEL_ROWS = 1_000
 MAX_ALERTS = 500
 DEFAULT_ALERTS = 100
@@ -104,8 +112,49 @@ def text_param(value: Any, name: str) -> str:
 
 
 def parse_minutes(value: Any) -> int:
-    """The ``minutes`` parameter: default 15, between 1 and 1440."""
+    """The ``minutes`` parameter: default 15, between 1 and ``MAX_MINUTES``."""
     return bounded_int(value, DEFAULT_MINUTES, 1, MAX_MINUTES, "minutes")
+
+
+def span_range(rows: Iterable[Mapping[str, Any]], now: int) -> tuple[int, int] | None:
+    """(minutes, end ms) of a range covering the data (DATA_SPAN_SQL rows), with a margin; None without data.
+
+    The end is the last data time plus the margin (never past ``now``'s minute), the length at
+    least a minute and at most ``MAX_MINUTES`` (then the last ``MAX_MINUTES`` of the data).
+
+    Example:
+        >>> span_range([{"n": 3, "first_ms": 0, "last_ms": 600_000}, {"n": 0, "first_ms": 0, "last_ms": 0}], 10**9)
+        (11, 630000)
+    """
+    spans = [(int(r["first_ms"]), int(r["last_ms"])) for r in rows if int(r["n"] or 0) > 0]
+    if not spans:
+        return None
+    first, last = min(f for f, _ in spans), max(last for _, last in spans)
+    margin = max(30_000, (last - first) // 50)
+    end = min(last + margin, max(now, last))
+    minutes = math.ceil((end - (first - margin)) / 60_000)
+    return max(1, min(MAX_MINUTES, minutes)), end
+
+
+def downsample_indices(values: Sequence[float | None], max_points: int = MAX_SERIES_POINTS) -> np.ndarray:
+    """Indices of at most about ``max_points`` points of a series that keep its peaks (and its last point).
+
+    The series is cut into equal runs of consecutive points; of each run the point with the
+    highest value is kept, so a short burst over the alert threshold still shows.
+
+    Example:
+        >>> downsample_indices([0.1, 0.9, 0.2, 0.1, 0.3, 0.2, 0.0], 3).tolist()
+        [1, 4, 6]
+    """
+    n = len(values)
+    if n <= max_points:
+        return np.arange(n)
+    stride = -(-n // max_points)
+    padded = np.full(-(-n // stride) * stride, -np.inf)
+    padded[:n] = np.nan_to_num(np.array(values, dtype=np.float64), nan=-1.0)  # None → nan → -1
+    runs = padded.reshape(-1, stride)
+    picked = runs.argmax(axis=1) + np.arange(runs.shape[0]) * stride
+    return np.unique(np.append(picked, n - 1))
 
 
 def bucket_ms_for(minutes: int, buckets: int = LABEL_BUCKETS) -> int:
@@ -174,20 +223,37 @@ def alert_bands(rows: Iterable[Mapping[str, Any]], now: int) -> dict[str, list[d
     return out
 
 
-def drift_series(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def drift_series(rows: Iterable[Mapping[str, Any]], max_points: int = MAX_SERIES_POINTS) -> list[dict[str, Any]]:
     """Window rows → one series per (model, layer), columns in time order.
 
-    Series are ordered by model, then combined / penultimate / other layers.
+    Series are ordered by model, then combined / penultimate / other layers. A model with
+    one tapped layer gets that layer's series only (its combined test is the same test) with
+    ``only_layer`` set. A series of more than ``max_points`` windows is downsampled
+    (:func:`downsample_indices`); ``windows`` counts them all.
     """
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
         grouped.setdefault((str(r["model_id"]), str(r["layer"])), []).append(r)
+    tapped: dict[str, set[str]] = {}
+    for model_id, layer in grouped:
+        if layer != COMBINED:
+            tapped.setdefault(model_id, set()).add(layer)
     series = []
     for (model_id, layer) in sorted(grouped, key=lambda k: (k[0], layer_order(k[1]))):
+        only_layer = len(tapped.get(model_id, ())) == 1
+        if only_layer and layer == COMBINED:
+            continue
         points = sorted(grouped[(model_id, layer)], key=lambda r: (int(r["window_end_ms"]), str(r["window_id"])))
+        total = len(points)
+        if total > max_points:
+            keep = downsample_indices([finite(p["detection_rate"]) for p in points], max_points)
+            points = [points[i] for i in keep]
         series.append({
             "model_id": model_id,
             "layer": layer,
+            "only_layer": only_layer,
+            "windows": total,
+            "downsampled": total > len(points),
             "window_id": [str(p["window_id"]) for p in points],
             "model_version": [str(p["model_version"]) for p in points],
             "window_start_ms": [int(p["window_start_ms"]) for p in points],
@@ -294,9 +360,33 @@ async def models_payload(query: QueryFn, *, minutes: int, now: int) -> dict[str,
                                                    "layers": []})
         m["layers"].append({"layer": str(r["layer"]), "windows": int(r["windows"]), "last_window_ms": int(r["last_ms"]),
                             "last_detection_rate": finite(r["last_detection_rate"])})
+    rnames, rrows = await query(MODEL_REFERENCE_SQL, {"limit": MAX_MODEL_ROWS})
+    references = {str(r["model_id"]): int(r["reference_events"]) for r in records(rnames, rrows)}
+    for model_id, n in references.items():  # a reference alone is a model waiting for live traffic
+        models.setdefault(model_id, {"model_id": model_id, "events": 0, "last_event_ms": None, "layers": []})
     for m in models.values():
         m["layers"].sort(key=lambda x: layer_order(x["layer"]))
+        m["reference_events"] = references.get(m["model_id"], 0)
+        m["state"] = model_state(m)
     return {"now_ms": now, "minutes": minutes, "models": [models[k] for k in sorted(models)]}
+
+
+def model_state(model: Mapping[str, Any]) -> str:
+    """What a model's drift charts wait for: ``ok`` (windows tested), ``awaiting_reference``
+    (no clean reference stored), ``awaiting_traffic`` (a reference, no live events) or
+    ``awaiting_windows`` (both, but no window tested yet)."""
+    if model["layers"]:
+        return "ok"
+    if not model.get("reference_events"):
+        return "awaiting_reference"
+    return "awaiting_windows" if model.get("events") else "awaiting_traffic"
+
+
+async def data_span(query: QueryFn, *, now: int) -> tuple[int, int] | None:
+    """(minutes, end ms) of the range covering the stored data of the last ``SPAN_LOOKBACK_DAYS``; None without data."""
+    since = now - SPAN_LOOKBACK_DAYS * 86_400_000
+    names, rows = await query(DATA_SPAN_SQL, time_bounds(since))
+    return span_range(records(names, rows), now)
 
 
 async def drift_payload(query: QueryFn, *, minutes: int, now: int, threshold: float, alpha: float,
@@ -455,18 +545,40 @@ def register_dashboard_views(app: Any, runtime: Any) -> None:
         Data.__name__ = Data.__qualname__ = "Dashboard" + path.rsplit("/", 1)[-1].title()
         app.page(path, name="layerwatch_dashboard_" + path.rsplit("/", 1)[-1])(Data)
 
-    def common(q: Mapping[str, str]) -> dict[str, Any]:
-        return {"minutes": parse_minutes(q.get("minutes")), "now": now_ms()}
+    async def common(q: Mapping[str, str]) -> dict[str, Any]:
+        """``minutes`` and ``now`` of the request: the last ``minutes``, or (``range=data``) the data's span."""
+        now = now_ms()
+        if q.get("range") == "data" and not q.get("minutes"):
+            span = await data_span(query, now=now)
+            if span is not None:
+                return {"minutes": span[0], "now": span[1]}
+        elif q.get("range") not in (None, "", "data"):
+            raise BadParameter("range must be 'data' (or give minutes)")
+        return {"minutes": parse_minutes(q.get("minutes")), "now": now}
 
-    data_view("/api/dashboard/models", lambda q: models_payload(query, **common(q)))
-    data_view("/api/dashboard/drift", lambda q: drift_payload(
-        query, **common(q), threshold=settings.alert_detection_rate, alpha=settings.alpha,
-        model_id=text_param(q.get("model_id"), "model_id"), layer=text_param(q.get("layer"), "layer")))
-    data_view("/api/dashboard/labels", lambda q: labels_payload(
-        query, **common(q), model_id=text_param(q.get("model_id"), "model_id")))
-    data_view("/api/dashboard/alerts", lambda q: alerts_payload(
-        query, **common(q), model_id=text_param(q.get("model_id"), "model_id"),
-        limit=bounded_int(q.get("limit"), DEFAULT_ALERTS, 1, MAX_ALERTS, "limit")))
+    async def stamped(body: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        return {**await body, "clock_ms": now_ms()}  # the server's clock, for "x ago" of old data
+
+    async def models(q: Mapping[str, str]) -> dict[str, Any]:
+        return await stamped(models_payload(query, **await common(q)))
+
+    async def drift(q: Mapping[str, str]) -> dict[str, Any]:
+        return await stamped(drift_payload(
+            query, **await common(q), threshold=settings.alert_detection_rate, alpha=settings.alpha,
+            model_id=text_param(q.get("model_id"), "model_id"), layer=text_param(q.get("layer"), "layer")))
+
+    async def labels(q: Mapping[str, str]) -> dict[str, Any]:
+        return await stamped(labels_payload(query, **await common(q), model_id=text_param(q.get("model_id"), "model_id")))
+
+    async def alerts(q: Mapping[str, str]) -> dict[str, Any]:
+        return await stamped(alerts_payload(
+            query, **await common(q), model_id=text_param(q.get("model_id"), "model_id"),
+            limit=bounded_int(q.get("limit"), DEFAULT_ALERTS, 1, MAX_ALERTS, "limit")))
+
+    data_view("/api/dashboard/models", models)
+    data_view("/api/dashboard/drift", drift)
+    data_view("/api/dashboard/labels", labels)
+    data_view("/api/dashboard/alerts", alerts)
 
     async def window(q: Mapping[str, str]) -> dict[str, Any]:
         window_id = text_param(q.get("window_id"), "window_id")

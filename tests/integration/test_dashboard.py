@@ -1,7 +1,12 @@
 """The live dashboard end to end: records on the worker's topics → ClickHouse → JSON views → headless Chromium.
 
+The browser test walks the page's states: no model yet, a model awaiting its reference,
+then a finished run of three hours ago (shown whole by the default data-span range, a
+single-layer model as one chart, a long run downsampled, times with their zone). Its
+screenshots are kept under the test's tmp dir (the path is printed; set
+LW_DASHBOARD_SCREENSHOTS=DIR to write them there instead).
+
 Also runs every dashboard query on both store engines (chDB 26 and a ClickHouse 18.16 server).
-Set LW_DASHBOARD_SCREENSHOT=/tmp/dashboard.png to also save a screenshot of the page.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ N_WINDOWS = 120  # ten minutes of windows, one every 5 s
 EVENTS_PER_STEP = 6
 TOP_K = 5
 LAYERS = {"digits-cnn": ["__combined__", "penultimate", "conv2"], "digits-mlp": ["__combined__", "penultimate"]}
+CHARTS = {"digits-cnn": ["__combined__", "penultimate", "conv2"], "digits-mlp": ["penultimate"]}  # one layer: one chart
+LONG_MODEL, LONG_WINDOWS, LONG_STEP_MS = "long-run", 3000, 200  # thousands of windows in the same ten minutes
+AGO_MS = 3 * 3600 * 1000  # the browser's run ended three hours ago
 ATTACKS = ("fgsm", "pgd")
 
 
@@ -68,7 +76,7 @@ def digit_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return (digits.images[idx].reshape(n, 64) / 16.0).astype(np.float32), digits.target[idx]
 
 
-def build_scenario(now_ms: int, seed: int = 0) -> Scenario:
+def build_scenario(now_ms: int, seed: int = 0, long_run: bool = False) -> Scenario:
     """Two models; digits-cnn is attacked from minute -7 to -4 (alert opened and resolved),
     digits-mlp drifts from minute -1.5 on (alert still open); plus a classifier and a probing alert."""
     rng = np.random.default_rng(seed)
@@ -132,6 +140,16 @@ def build_scenario(now_ms: int, seed: int = 0) -> Scenario:
           "digits-cnn: 48% of labels adversarial (fgsm, pgd) ≥ 30%")
     alert("labels-cnn", hi + 20_000, "digits-cnn", "attack_classified", "resolved", "info",
           "digits-cnn: adversarial share back below 30%")
+    if long_run:  # a single-layer model tested every 200 ms: only its drift results, no top events
+        for k in range(1, LONG_WINDOWS + 1):
+            end = start + k * LONG_STEP_MS
+            rate = 0.97 if k == LONG_WINDOWS // 2 else float(rng.uniform(0.0, 0.2))
+            for layer in ("__combined__", "penultimate"):
+                sc.drift.append({
+                    "window_id": f"{LONG_MODEL}:1:{end - 10_000}:{end}", "model_id": LONG_MODEL, "model_version": "1",
+                    "layer": layer, "window_start_ms": end - 10_000, "window_end_ms": end, "n_reference": 500,
+                    "n_window": 50, "mmd2": rate / 50, "p_value": 0.5, "detection_rate": rate, "alpha": 0.05,
+                    "bandwidth": 1.0, "n_permutations": 200, "compute_ms": 3.0, "device": "cpu", "top_samples": []})
     mlp_lo = attack_span["digits-mlp"][0]
     alert("shift-mlp", mlp_lo + 10_000, "digits-mlp", "distribution_shift", "open", "warning",
           "distribution shift on model digits-mlp: detection rate 0.88 ≥ 0.50 for 2 consecutive windows",
@@ -171,6 +189,10 @@ class DomSummary(HTMLParser):
         self.alert_rows: list[dict[str, str]] = []
         self.window_panel: dict[str, str] = {}
         self.images: list[str] = []
+        self.empty: dict[str, str] = {}
+        self.waiting: dict[str, str] = {}  # model -> state of the drift section's notes
+        self.tz = ""
+        self._in_tz = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
@@ -184,14 +206,43 @@ class DomSummary(HTMLParser):
             self.window_panel = a
         if tag == "img" and a.get("class") == "digit":
             self.images.append(a.get("src", ""))
+        if a.get("id") == "drift-empty":
+            self.empty = a
+        if tag == "li" and "data-state" in a:
+            self.waiting[a["data-model"]] = a["data-state"]
+        self._in_tz = a.get("id") == "tz"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_tz:
+            self.tz += data
+            self._in_tz = False
 
 
-def chromium(url: str, profile: Path, *extra: str, timeout: float = 90) -> subprocess.CompletedProcess:
+def chromium(url: str, profile: Path, *extra: str, timeout: float = 90, tz: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"TZ": tz} if tz else {})}
     return subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
          f"--user-data-dir={profile}", "--virtual-time-budget=10000", *extra, url],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+
+
+def page_state(url: str, profile: Path, tz: str = "") -> "DomSummary":
+    """The page's DOM after it rendered (chromium --dump-dom)."""
+    dom = DomSummary()
+    dom.feed(chromium(url, profile, "--dump-dom", tz=tz).stdout)
+    return dom
+
+
+def screenshot(url: str, profile: Path, name: str, tz: str = "", height: int = 1000) -> Path:
+    """A 1400-pixel wide screenshot of the page, kept as a test artefact (path printed)."""
+    directory = Path(os.environ.get("LW_DASHBOARD_SCREENSHOTS") or profile.parent / "screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.png"
+    chromium(url, profile, f"--screenshot={path}", f"--window-size=1400,{height}", tz=tz)
+    assert path.stat().st_size > 10_000, path
+    print(f"dashboard screenshot: {path}")
+    return path
 
 
 class DevTools:
@@ -275,7 +326,7 @@ async def click_through(url: str, window_id: str, profile: Path) -> dict:
             await page.eval(f"document.getElementById('auth-token').value = {json.dumps(TOKEN)};"
                             "document.getElementById('auth-form').requestSubmit(); true")
             await page.until("document.querySelectorAll('[data-chart=drift][data-points=\"%d\"]').length === %d"
-                             % (N_WINDOWS, sum(len(v) for v in LAYERS.values())))
+                             % (N_WINDOWS, sum(len(v) for v in CHARTS.values())))
             x, y = await page.eval(POINT_XY_JS % {"model": json.dumps("digits-cnn"), "layer": json.dumps("__combined__"),
                                                   "window": json.dumps(window_id)})
             await page.click(x, y)
@@ -306,29 +357,51 @@ def get(url: str, token: str = "") -> tuple[int, bytes, dict[str, str]]:
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed (apt-get install -y chromium)")
 def test_dashboard_shows_live_drift_alerts_and_events(broker: str, tmp_path: Path) -> None:
-    sc = build_scenario(int(time.time() * 1000))
+    sc = build_scenario(int(time.time() * 1000) - AGO_MS, long_run=True)
     store = f"chdb://{tmp_path / 'dash-store'}"
     with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=store, bootstrap=broker) as stack:
         stack.env = {"LW_WEB_TOKEN": TOKEN, "LW_TOPIC_PREFIX": PREFIX, "LW_APP_ID": "layerwatch-dash",
                      "LW_AGENTS": "sink"}  # the sink alone: no agent adds its own alerts to the fed ones
         child, url = stack.start_worker()
-        publish(broker, sc)
+        page = f"{url}/#token={TOKEN}"
 
         def count(sql: str) -> int:
             status, body = http_json(f"{url}/api/query", {"sql": sql}, token=TOKEN)
             return int(body["rows"][0][0]) if status == 200 else -1
 
+        # Nothing stored yet: the page says what to do first.
+        empty = page_state(page, tmp_path / "chromium-empty")
+        assert empty.body.get("data-status") == "ok" and empty.empty.get("data-empty") == "no-model", empty.empty
+        screenshot(page, tmp_path / "chromium-empty", "1-no-model")
+
+        # Live predictions of a model without a reference: it waits for its reference.
+        fresh = PredictionBatch.build("fresh-model", [f"fresh-{i}" for i in range(8)],
+                                      outputs=np.full((8, 10), 0.1, np.float32),
+                                      layers={"penultimate": np.zeros((8, 8), np.float32)},
+                                      ts_ms=np.full(8, sc.now_ms - 60_000, np.int64))
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=broker)
+        producer.send(PREFIX + "predictions", key=b"fresh-model", value=encode_batch(fresh)).get(timeout=10)
+        producer.close()
+        wait_until(lambda: count("SELECT uniqExact(event_id) FROM predictions") == 8, timeout=90, message="fresh model stored")
+        waiting = page_state(page, tmp_path / "chromium-waiting")
+        assert waiting.empty.get("data-empty") == "awaiting-reference", waiting.empty
+        assert waiting.waiting == {"fresh-model": "awaiting_reference"}
+        screenshot(page, tmp_path / "chromium-waiting", "2-awaiting-reference")
+
+        publish(broker, sc)
         n_drift = sum(len(v) for v in LAYERS.values()) * N_WINDOWS
         expected = {
-            "SELECT count() FROM drift_windows FINAL": n_drift,
+            "SELECT count() FROM drift_windows FINAL": n_drift + 2 * LONG_WINDOWS,
             "SELECT count() FROM alerts FINAL": len(sc.alerts),
             "SELECT uniqExact(event_id) FROM attack_labels": sc.n_events,
             "SELECT uniqExact(event_id) FROM predictions_inputs": sc.n_events,
-            "SELECT uniqExact(event_id) FROM predictions": sc.n_events,
+            "SELECT uniqExact(event_id) FROM predictions": sc.n_events + fresh.n,
             "SELECT count() FROM sample_scores FINAL": n_drift * TOP_K,
         }
         for sql, n in expected.items():
-            wait_until(lambda: count(sql) == n, timeout=90, message=f"{sql} == {n}")
+            wait_until(lambda: count(sql) == n, timeout=120, message=f"{sql} == {n}")
 
         # The page loads without a token; the data views do not answer without one.
         status, html, headers = get(url + "/")
@@ -344,25 +417,40 @@ def test_dashboard_shows_live_drift_alerts_and_events(broker: str, tmp_path: Pat
         status, body, _ = get(f"{url}/api/dashboard/drift?minutes=100000", token=TOKEN)
         assert status == 200 and json.loads(body)["minutes"] == D.MAX_MINUTES
         assert get(f"{url}/api/dashboard/drift?minutes=abc", token=TOKEN)[0] == 400
+        assert get(f"{url}/api/dashboard/drift?range=week", token=TOKEN)[0] == 400
+        # the default range is the data's span: three hours ago, not the last 15 minutes
+        status, body, _ = get(f"{url}/api/dashboard/drift?range=data", token=TOKEN)
+        span = json.loads(body)
+        first_start = min(r["window_start_ms"] for r in sc.drift)
+        assert span["since_ms"] <= first_start and sc.now_ms <= span["now_ms"] <= sc.now_ms + 60_000
+        assert span["clock_ms"] - span["now_ms"] > AGO_MS - 120_000
+        recent = json.loads(get(f"{url}/api/dashboard/drift?minutes=15", token=TOKEN)[1])
+        assert recent["series"] == []  # what the old 15-minute default showed of this run
 
-        # The browser: every layer's chart holds its windows, the alerts are listed, the
-        # window named in the fragment shows its events with their images.
+        # The browser, in another time zone: every chart holds its windows, the single-layer
+        # model one chart, the long run downsampled, the alerts listed, the window of the
+        # fragment with its events and images, times labelled with the zone.
         profile = tmp_path / "chromium"
-        page = f"{url}/#token={TOKEN}&window={sc.attacked_window}&layer=__combined__"
+        window_page = f"{page}&window={sc.attacked_window}&layer=__combined__"
         started = time.monotonic()
-        result = chromium(page, profile, "--dump-dom")
+        result = chromium(window_page, profile, "--dump-dom", tz="Asia/Kolkata")
         dom = DomSummary()
         dom.feed(result.stdout)
         assert dom.body.get("data-status") == "ok", (dom.body, result.stderr[-2000:])
         assert int(dom.body.get("data-refreshes", "0")) >= 1
+        assert dom.tz.startswith("times in ") and "(UTC+05:30)" in dom.tz, dom.tz  # ICU may call it Asia/Calcutta
         drift_charts = [c for c in dom.charts if c["data-chart"] == "drift"]
         drawn = {(c["data-model"], c["data-layer"]): c for c in drift_charts}
         # one chart per (model, layer), in model order with the combined test first, drawn once
-        assert list(drawn) == [(m, layer) for m in sorted(LAYERS) for layer in LAYERS[m]]
+        assert list(drawn) == [(m, layer) for m in sorted(CHARTS) for layer in CHARTS[m]] + [(LONG_MODEL, "penultimate")]
         assert len(drift_charts) == len(drawn)
         for key, chart in drawn.items():
-            assert int(chart["data-points"]) == N_WINDOWS, key
+            if key[0] == LONG_MODEL:
+                assert int(chart["data-windows"]) == LONG_WINDOWS and int(chart["data-points"]) <= D.MAX_SERIES_POINTS + 1
+                continue
+            assert int(chart["data-points"]) == N_WINDOWS == int(chart["data-windows"]), key
             assert int(chart["data-bands"]) == 1, key  # one distribution_shift band per model
+        assert dom.waiting == {"fresh-model": "awaiting_reference"}  # still said, beside the charts
         labels = next(c for c in dom.charts if c["data-chart"] == "labels")
         assert int(labels["data-points"]) > 0 and "clean" in labels["data-types"] and "fgsm" in labels["data-types"]
         rows = {r["data-alert-id"]: r["data-state"] for r in dom.alert_rows}
@@ -371,11 +459,7 @@ def test_dashboard_shows_live_drift_alerts_and_events(broker: str, tmp_path: Pat
         assert int(dom.window_panel["data-events"]) == TOP_K
         assert len(dom.images) == TOP_K and all(src.startswith("data:image/png;base64,") for src in dom.images)
         print(f"chromium --dump-dom took {time.monotonic() - started:.1f} s")
-
-        shot = os.environ.get("LW_DASHBOARD_SCREENSHOT")
-        if shot:
-            chromium(page, profile, f"--screenshot={shot}", "--window-size=1400,1000")
-            assert Path(shot).stat().st_size > 10_000
+        screenshot(window_page, profile, "3-finished-run", tz="Asia/Kolkata", height=2600)
 
         # Interactively: the token typed into the form, then a click on a point of a chart.
         shown = asyncio.run(click_through(url, sc.attacked_window, tmp_path / "chromium-cdp"))
@@ -425,8 +509,8 @@ def test_dashboard_queries_on_both_engines(store_url: str) -> None:
             assert m["events"] == N_WINDOWS * EVENTS_PER_STEP
 
         drift = run(D.drift_payload(query, minutes=15, now=now, threshold=0.5, alpha=0.05))
-        assert [(s["model_id"], s["layer"]) for s in drift["series"]] == [(m, la) for m in sorted(LAYERS) for la in LAYERS[m]]
-        assert all(len(s["window_id"]) == N_WINDOWS for s in drift["series"])
+        assert [(s["model_id"], s["layer"]) for s in drift["series"]] == [(m, la) for m in sorted(CHARTS) for la in CHARTS[m]]
+        assert all(len(s["window_id"]) == N_WINDOWS == s["windows"] for s in drift["series"])
         assert all(s["window_end_ms"] == sorted(s["window_end_ms"]) for s in drift["series"])
         cnn, mlp = drift["bands"]["digits-cnn"], drift["bands"]["digits-mlp"]
         assert len(cnn) == 1 and not cnn[0]["open"] and cnn[0]["end_ms"] - cnn[0]["start_ms"] == 180_000

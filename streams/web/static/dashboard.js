@@ -22,7 +22,7 @@
   const fragment = new URLSearchParams(location.hash.slice(1));
   const state = {
     token: "",
-    minutes: clampInt(fragment.get("minutes"), 15, 1, 1440),
+    minutes: fragment.get("minutes") && fragment.get("minutes") !== "data" ? clampInt(fragment.get("minutes"), 15, 1, 10080) : null, // null: the data's span
     model: fragment.get("model") || "",
     selected: fragment.get("window") ? { window_id: fragment.get("window"), layer: fragment.get("layer") || "" } : null,
     windowLoaded: false,
@@ -59,6 +59,14 @@
   }
 
   const pad = (n, w = 2) => String(n).padStart(w, "0");
+  // The browser's time zone, shown wherever times are: "Europe/Berlin (UTC+01:00)".
+  function utcOffset(ms) {
+    const off = -new Date(ms).getTimezoneOffset();
+    return `UTC${off >= 0 ? "+" : "-"}${pad(Math.floor(Math.abs(off) / 60))}:${pad(Math.abs(off) % 60)}`;
+  }
+  const TZ_NAME = (Intl.DateTimeFormat().resolvedOptions().timeZone || "local time");
+  const tzLabel = () => `${TZ_NAME} (${utcOffset(Date.now())})`;
+  const rangeParams = () => (state.minutes ? { minutes: state.minutes } : { range: "data" });
   // Plotly takes date strings without a zone as wall-clock time: give it local time.
   function plotTime(ms) {
     const d = new Date(ms);
@@ -67,6 +75,12 @@
   function clock(ms) {
     const d = new Date(ms);
     return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
+  // the clock time, with the date when it is not today
+  function dayClock(ms, now) {
+    const d = new Date(ms);
+    return new Date(now).toDateString() === d.toDateString() ? clock(ms)
+      : `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${clock(ms)}`;
   }
   function ago(ms, now) {
     const s = Math.max(0, Math.round((now - ms) / 1000));
@@ -92,7 +106,7 @@
 
   function saveFragment() {
     const f = new URLSearchParams();
-    if (state.minutes !== 15) f.set("minutes", state.minutes);
+    if (state.minutes) f.set("minutes", state.minutes);
     if (state.model) f.set("model", state.model);
     if (state.selected) {
       f.set("window", state.selected.window_id);
@@ -140,6 +154,8 @@
 
   // ------------------------------------------------------------------ models strip
 
+  const WAITING = { awaiting_reference: "NO REFERENCE", awaiting_traffic: "NO TRAFFIC", awaiting_windows: "COLLECTING" };
+
   function renderModels(models, alerts, drift) {
     const strip = document.getElementById("models");
     const openShift = new Set(alerts.alerts.filter((a) => a.status === "open" && a.kind === "distribution_shift").map((a) => a.model_id));
@@ -159,12 +175,14 @@
         dataset: { model: m.model_id }, title: "show only this model",
         onclick: () => setModel(state.model === m.model_id ? "" : m.model_id),
       },
-      el("div", { class: "title" }, el("span", {}, m.model_id), el("span", { class: "pill" }, drifting ? "DRIFT" : "OK")),
+      el("div", { class: "title" }, el("span", {}, m.model_id),
+        el("span", { class: "pill" + (WAITING[m.state] ? " waiting" : ""), title: WAITING[m.state] ? "see the drift section" : null },
+          drifting ? "DRIFT" : WAITING[m.state] || "OK")),
       el("div", { class: "stats" },
         el("span", {}, el("b", {}, m.events.toLocaleString()), "events"),
         el("span", {}, el("b", {}, fmt(rate)), main ? `rate (${layerName(main.layer)})` : "rate"),
         el("span", {}, el("b", {}, String(openCount[m.model_id] || 0)), "open alerts"),
-        el("span", {}, el("b", {}, String(m.layers.length)), "layers")));
+        el("span", {}, el("b", {}, String(m.layers.filter((l) => l.layer !== COMBINED).length)), "layers")));
     }));
   }
 
@@ -179,7 +197,7 @@
 
   function renderAlerts(payload) {
     const tbody = document.querySelector("#alerts tbody");
-    const now = payload.now_ms;
+    const now = payload.clock_ms || payload.now_ms;
     const alerts = payload.alerts.filter((a) => !state.model || a.model_id === state.model);
     const open = alerts.filter((a) => a.status === "open").length;
     const count = document.getElementById("alerts-count");
@@ -198,7 +216,7 @@
       el("td", {}, el("span", { class: "badge " + a.severity }, a.severity)),
       el("td", {}, a.kind.replace("_", " ")),
       el("td", { class: "mono" }, a.model_id),
-      el("td", { title: new Date(a.opened_ms).toString() }, clock(a.opened_ms), el("div", { class: "hint" }, ago(a.opened_ms, now))),
+      el("td", { title: new Date(a.opened_ms).toString() }, dayClock(a.opened_ms, now), el("div", { class: "hint" }, ago(a.opened_ms, now))),
       el("td", {}, a.status === "resolved" ? [clock(a.resolved_ms), el("div", { class: "hint" }, "after " + duration(a.duration_ms))]
         : el("span", { class: "hint" }, "open for " + duration(now - a.opened_ms))),
       el("td", { class: "msg" }, a.message, a.client_id ? el("div", { class: "hint" }, "client " + a.client_id) : null));
@@ -215,7 +233,8 @@
     const plot = el("div", { class: "chart" });
     card = el("div", { class: "chart-card", dataset: { key, chart: "drift", model, layer, points: "0", bands: "0" } },
       el("div", { class: "chart-head" },
-        el("span", { class: "chart-title" }, model + " ", el("span", { class: "layer" }, "· " + layerName(layer))),
+        el("span", { class: "chart-title" }, model + " ", el("span", { class: "layer" }, "· " + layerName(layer)),
+          el("span", { class: "note" })),
         el("span", { class: "latest" })),
       plot);
     cards.set(key, card);
@@ -259,10 +278,11 @@
       });
     }
     const layout = {
-      height: 230, margin: { l: 48, r: 48, t: 8, b: 28 }, showlegend: false, hovermode: "closest",
+      height: 240, margin: { l: 48, r: 48, t: 8, b: 40 }, showlegend: false, hovermode: "closest",
       paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
       font: { family: "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size: 11, color: COLORS.muted },
-      xaxis: { type: "date", range: [plotTime(payload.since_ms), plotTime(payload.now_ms)], gridcolor: COLORS.grid, zeroline: false, tickformat: "%H:%M" },
+      xaxis: { type: "date", range: [plotTime(payload.since_ms), plotTime(payload.now_ms)], gridcolor: COLORS.grid, zeroline: false,
+               title: { text: tzLabel(), font: { size: 10 }, standoff: 4 } },
       yaxis: { title: { text: "detection rate", font: { color: COLORS.rate } }, range: [0, 1.05], gridcolor: COLORS.grid, zeroline: false, tickfont: { color: COLORS.rate } },
       yaxis2: { title: { text: "p-value", font: { color: COLORS.pval } }, range: [0, 1.05], overlaying: "y", side: "right", showgrid: false, zeroline: false, tickfont: { color: COLORS.pval } },
       shapes, uirevision: series.model_id + "/" + series.layer + "/" + payload.minutes,
@@ -270,10 +290,45 @@
     return { traces, layout };
   }
 
+  // What the drift section waits for, per model without charts (models payload "state").
+  const HELP = {
+    awaiting_reference: (m) => [`${m}: awaiting its clean reference. `, "Publish it (", el("code", {}, "layerwatch reference"),
+      " for the demo models, or a Publisher with ", el("code", {}, "role=\"reference\""), " from your server); windows are tested once it is stored."],
+    awaiting_traffic: (m) => [`${m}: reference stored, no live predictions yet. `, "Send traffic to the model (", el("code", {}, "layerwatch simulate"), " for the demo)."],
+    awaiting_windows: (m) => [`${m}: collecting the first window. `, "A window is tested once it holds ", el("code", {}, "LW_WINDOW_MIN_SAMPLES"), " live events."],
+  };
+
+  function renderEmpty(models, payload) {
+    const box = document.getElementById("drift-empty");
+    const shown = new Set(payload.series.map((s) => s.model_id));
+    const waiting = models ? models.models.filter((m) => !shown.has(m.model_id) && m.state !== "ok" && (!state.model || m.model_id === state.model)) : [];
+    if (!models || (models.models.length === 0 && payload.series.length === 0)) {
+      box.dataset.empty = "no-model";
+      box.replaceChildren(
+        el("p", { class: "what" }, "No model has sent predictions yet."),
+        el("p", {}, "Start the demo with ", el("code", {}, "layerwatch demo"), ", or publish ", el("code", {}, "PredictionBatch"),
+          " records from your inference server (", el("code", {}, "workers.inference.Publisher"), ") to ",
+          el("code", {}, "lw.predictions"), ". Then publish the model's clean reference: its windows are tested against it."),
+        el("p", {}, state.minutes ? `Nothing in the last ${state.minutes} min: choose "all data" to see older runs.` : ""));
+      box.hidden = false;
+      return;
+    }
+    if (!waiting.length) {
+      box.dataset.empty = payload.series.length ? "none" : "no-windows";
+      box.replaceChildren(el("p", {}, payload.series.length ? "" : "No tested windows in this range."));
+      box.hidden = payload.series.length > 0;
+      return;
+    }
+    box.dataset.empty = waiting[0].state.replace("_", "-");
+    box.replaceChildren(el("ul", {}, waiting.map((m) => el("li", { dataset: { model: m.model_id, state: m.state } },
+      (HELP[m.state] || ((id) => [`${id}: no tested windows yet.`]))(m.model_id)))));
+    box.hidden = false;
+  }
+
   async function renderDrift(payload) {
     state.lastDrift = payload;
     const grid = document.getElementById("drift-grid");
-    document.getElementById("drift-empty").hidden = payload.series.length > 0;
+    renderEmpty(state.lastModels, payload);
     const keep = new Set();
     const draws = [];
     for (const s of payload.series) {
@@ -287,7 +342,10 @@
       const last = n ? s.detection_rate[n - 1] : null;
       const hot = last !== null && last >= payload.threshold;
       card.querySelector(".latest").replaceChildren("latest ", el("b", { class: hot ? "hot" : null }, fmt(last)),
-        n ? ` · p ${fmtP(s.p_value[n - 1])} · ${n} windows` : "");
+        n ? ` · p ${fmtP(s.p_value[n - 1])} · ${s.windows.toLocaleString()} windows` : "",
+        s.downsampled ? el("span", { class: "note", title: "each point is the highest detection rate of its run of windows" }, ` (${n} points shown)`) : "");
+      card.querySelector(".chart-title .note").textContent = s.only_layer ? " (the model's only tapped layer: also its combined test)" : "";
+      card.dataset.windows = String(s.windows);
       if (!card.plotted) {
         card.plotted = true;
         draws.push(Plotly.newPlot(card.plot, traces, layout, { displaylogo: false, displayModeBar: false, responsive: true }).then(() => {
@@ -317,6 +375,7 @@
   async function renderLabels(payload) {
     const div = document.getElementById("labels-chart");
     document.getElementById("labels-empty").hidden = payload.buckets.length > 0;
+    div.hidden = payload.buckets.length === 0;
     document.getElementById("labels-hint").textContent =
       `events per attack type assigned by the attack classifier, per ${duration(payload.bucket_ms)}`;
     const x = payload.buckets.map((b) => plotTime(b + payload.bucket_ms / 2));
@@ -325,11 +384,12 @@
       hovertemplate: `%{x|%H:%M:%S} · ${s.attack_type}: <b>%{y}</b><extra></extra>`,
     }));
     const layout = {
-      height: 260, margin: { l: 48, r: 16, t: 8, b: 28 }, barmode: "stack", bargap: 0.12, hovermode: "closest",
+      height: 270, margin: { l: 48, r: 16, t: 8, b: 40 }, barmode: "stack", bargap: 0.12, hovermode: "closest",
       paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
       font: { family: "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size: 11, color: COLORS.muted },
       legend: { orientation: "h", x: 0, y: 1.12 },
-      xaxis: { type: "date", range: [plotTime(payload.since_ms), plotTime(payload.now_ms)], gridcolor: COLORS.grid, tickformat: "%H:%M" },
+      xaxis: { type: "date", range: [plotTime(payload.since_ms), plotTime(payload.now_ms)], gridcolor: COLORS.grid,
+               title: { text: tzLabel(), font: { size: 10 }, standoff: 4 } },
       yaxis: { title: { text: "events" }, gridcolor: COLORS.grid, rangemode: "tozero" },
       uirevision: "labels/" + payload.minutes,
     };
@@ -441,13 +501,13 @@
     if (document.hidden && !force) return;
     state.inflight = true;
     try {
-      const filter = { minutes: state.minutes, model_id: state.model };
+      const filter = { ...rangeParams(), model_id: state.model };
       // The model summary counts events (the largest table): every 5th poll is enough.
       const wantModels = force || !state.lastModels || state.refreshes % 5 === 0;
       const [models, drift, labels, alerts] = await Promise.all([
-        wantModels ? api("models", { minutes: state.minutes }) : state.lastModels,
+        wantModels ? api("models", rangeParams()) : state.lastModels,
         // alerts of every model: the model cards show them; the table filters by model itself
-        api("drift", filter), api("labels", filter), api("alerts", { minutes: state.minutes }),
+        api("drift", filter), api("labels", filter), api("alerts", rangeParams()),
       ]);
       state.lastModels = models;
       renderModels(models, alerts, drift);
@@ -470,13 +530,15 @@
 
   function start() {
     initToken();
-    document.getElementById("range").value = String(state.minutes);
+    document.getElementById("tz").textContent = "times in " + tzLabel();
+    document.getElementById("tz-footer").textContent = "times in " + tzLabel();
+    document.getElementById("range").value = state.minutes ? String(state.minutes) : "data";
     if (!document.getElementById("range").value) {
       document.getElementById("range").append(el("option", { value: state.minutes }, `last ${state.minutes} min`));
       document.getElementById("range").value = String(state.minutes);
     }
     document.getElementById("range").addEventListener("change", (ev) => {
-      state.minutes = clampInt(ev.target.value, 15, 1, 1440);
+      state.minutes = ev.target.value === "data" ? null : clampInt(ev.target.value, 15, 1, 10080);
       saveFragment();
       refresh(true);
     });

@@ -18,7 +18,7 @@ def test_minutes_default_and_bounds() -> None:
     assert D.parse_minutes("60") == 60
     assert D.parse_minutes("7.9") == 7
     assert D.parse_minutes("0") == 1 and D.parse_minutes("-5") == 1
-    assert D.parse_minutes("10000000") == D.MAX_MINUTES == 1440
+    assert D.parse_minutes("10000000") == D.MAX_MINUTES == 7 * 1440
     with pytest.raises(D.BadParameter, match="minutes"):
         D.parse_minutes("ten")
     with pytest.raises(D.BadParameter, match="limit"):
@@ -184,3 +184,41 @@ def test_static_assets_exist_and_page_uses_relative_urls() -> None:
     assert "https://" not in html + js  # nothing from a CDN: works offline
     for path in ("models", "drift", "labels", "alerts", "window"):
         assert f'api("{path}"' in js, path
+
+
+def test_single_layer_model_gets_one_series() -> None:
+    rows = [drift_row("solo", "__combined__", t) for t in (10, 20)] + [drift_row("solo", "penultimate", t) for t in (10, 20)]
+    series = D.drift_series(rows)
+    assert [(s["model_id"], s["layer"], s["only_layer"]) for s in series] == [("solo", "penultimate", True)]
+    assert series[0]["windows"] == 2 and not series[0]["downsampled"]
+
+
+def test_long_series_are_downsampled_keeping_peaks_and_the_last_window() -> None:
+    rng = np.random.default_rng(0)
+    rates = rng.uniform(0, 0.2, 5000)
+    rates[1234] = 0.97  # one burst over the threshold
+    rows = [drift_row("m", "penultimate", t, rate=float(r)) for t, r in enumerate(rates)]
+    s = D.drift_series(rows, max_points=500)[0]
+    assert s["windows"] == 5000 and s["downsampled"]
+    assert len(s["window_end_ms"]) <= 501 and s["window_end_ms"] == sorted(s["window_end_ms"])
+    assert 0.97 in s["detection_rate"] and s["window_end_ms"][-1] == 4999
+    idx = D.downsample_indices([None, 0.5, 0.1, 0.2], 2)
+    assert idx.tolist() == [1, 3]
+
+
+def test_span_range_covers_the_data_whatever_its_age() -> None:
+    now = 1_700_000_000_000
+    old = [{"source": "drift", "n": 10, "first_ms": now - 86_400_000, "last_ms": now - 86_400_000 + 600_000},
+           {"source": "predictions", "n": 0, "first_ms": 0, "last_ms": 0}]  # an empty table's min/max are 0
+    minutes, end = D.span_range(old, now)
+    assert end == now - 86_400_000 + 630_000 and minutes == 11  # ten minutes of data, a margin each side
+    assert D.span_range([{"n": 0, "first_ms": 0, "last_ms": 0}], now) is None
+    long = [{"n": 5, "first_ms": now - 60 * 86_400_000, "last_ms": now}]
+    assert D.span_range(long, now) == (D.MAX_MINUTES, now)  # capped: the last week of it, ending now
+
+
+def test_model_state_says_what_the_charts_wait_for() -> None:
+    assert D.model_state({"layers": [{"layer": "penultimate"}], "reference_events": 0}) == "ok"
+    assert D.model_state({"layers": [], "events": 40, "reference_events": 0}) == "awaiting_reference"
+    assert D.model_state({"layers": [], "events": 0, "reference_events": 500}) == "awaiting_traffic"
+    assert D.model_state({"layers": [], "events": 40, "reference_events": 500}) == "awaiting_windows"
