@@ -59,11 +59,18 @@ def retryable(status: int) -> bool:
 
 
 def endpoint(url: str) -> str:
-    """The URL without credentials, query or fragment, for log lines and dead-letter reasons."""
+    """The URL for log lines and dead-letter reasons: no credentials, query or fragment, and
+    path segments of 16 characters or more (the secret of a Slack or Discord webhook URL) masked.
+
+    Example:
+        >>> endpoint("https://user:pw@hooks.slack.com/services/T0001/B0002/abcdefghijklmnopqrstuvwx?x=1")
+        'https://hooks.slack.com/services/T0001/B0002/***'
+    """
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    path = "/".join("***" if len(segment) >= 16 else segment for segment in parts.path.split("/"))
+    return f"{parts.scheme}://{host}{port}{path}"
 
 
 def slack_message(record: dict[str, Any]) -> dict[str, Any]:

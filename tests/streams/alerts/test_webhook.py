@@ -100,3 +100,23 @@ def test_still_failing_after_the_last_attempt_is_dead_lettered() -> None:
     receiver, sink, dead = asyncio.run(_deliver([(503, {})] * 3, attempts=3, backoff_s=0.01))
     assert len(receiver.requests) == 3 and sink.delivered == 0
     assert "failed 3 times" in dead[0]["reason"] and "HTTP 503" in dead[0]["reason"]
+
+
+def test_a_webhook_secret_in_the_path_stays_out_of_dead_letters() -> None:
+    secret = "abcdefghijklmnopqrstuvwx"
+
+    async def run() -> list[dict]:
+        dead: list[dict] = []
+
+        async def dead_letter(record: dict) -> None:
+            dead.append(record)
+
+        async with Receiver([]) as receiver:  # it serves /hook only: this path answers 404
+            sink = WebhookSink(receiver.url.replace("/hook", f"/services/T1/B2/{secret}"), dead_letter=dead_letter)
+            await sink.send(EVENT)
+            await sink.close(timeout_s=30)
+        return dead
+
+    dead = asyncio.run(run())
+    assert len(dead) == 1 and "HTTP 404" in dead[0]["reason"]
+    assert secret not in dead[0]["reason"] and "/services/T1/B2/***" in dead[0]["reason"]
