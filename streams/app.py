@@ -101,7 +101,9 @@ def _add_lifecycle(app: faust.App, runtime: Runtime) -> None:
 
     @app.task
     async def report_lag() -> None:
-        await report_lag_forever(app, runtime.metrics.consumer_lag, [runtime.settings.topic("predictions")],
+        consumed = ["predictions"] if runtime.agents & INGEST_AGENTS else []
+        consumed += ["windows"] if "test" in runtime.agents else []
+        await report_lag_forever(app, runtime.metrics.consumer_lag, [runtime.settings.topic(t) for t in consumed],
                                  runtime.settings.lag_interval_s)
 
     @app.on_before_shutdown.connect
