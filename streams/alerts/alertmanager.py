@@ -9,7 +9,8 @@ the alert opened. An open alert's ``endsAt`` lies ``4 × resend_s`` ahead, and o
 are re-pushed every ``resend_s``: Alertmanager resolves an alert by itself when its
 ``endsAt`` passes without an update, so a worker that dies leaves no alert open forever,
 while a live one keeps its alerts firing. A resolution is pushed with ``endsAt`` = the time
-it resolved, which resolves the alert in Alertmanager at once.
+it resolved, which resolves the alert in Alertmanager at once. After a worker restart the
+alerts the recovered rules still hold open are pushed again at once (``keep_open``).
 
 Delivery, retries and dead letters are the webhook sink's (:class:`WebhookSink`): 429 and
 5xx answers and connection errors are retried with backoff (honouring ``Retry-After``),
@@ -24,7 +25,7 @@ import datetime as _dt
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from streams.alerts.rules import AlertEvent
 from streams.alerts.webhook import WebhookSink
@@ -125,13 +126,28 @@ class AlertmanagerSink(WebhookSink):
         except asyncio.QueueFull:
             await self._give_up(record, f"{self.name} queue full")
 
-    async def _repush_forever(self) -> None:
+    def keep_open(self, events: Sequence[AlertEvent]) -> None:
+        """After a restart: the alerts the rules still hold open are pushed now and re-pushed from then on."""
         import asyncio
 
+        for event in events:
+            self.open.setdefault(event.alert_id, event.to_record())
+        if self.open and self.repush_task is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a tool replaying alerts): the re-push starts with the next send
+                return
+            self.repush_task = loop.create_task(self._repush_forever(first_now=True))
+
+    async def _repush_forever(self, first_now: bool = False) -> None:
+        import asyncio
+
+        if not first_now:
+            await asyncio.sleep(self.resend_s)
         while True:
-            await asyncio.sleep(self.resend_s)  # a timer: Alertmanager expires alerts that are not re-sent
             for record in list(self.open.values()):
                 await self._enqueue({**record, _REPUSH: True})
+            await asyncio.sleep(self.resend_s)  # a timer: Alertmanager expires alerts that are not re-sent
 
     async def _give_up(self, record: dict[str, Any], reason: str) -> None:
         if record.get(_REPUSH):

@@ -44,8 +44,13 @@ class AlertHub:
         The open-alerts gauge is set from the result, so it survives a restart too.
         """
         n = self.rules.restore(events)
-        for event in self.rules.open_alerts():
+        still_open = list(self.rules.open_alerts())
+        for event in still_open:
             self.metrics.open_alerts.labels(event.model_id, event.kind).inc()
+        for sink in self.sinks:  # sinks that hold state at their destination (Alertmanager) pick them up again
+            keep_open = getattr(sink, "keep_open", None)
+            if keep_open is not None:
+                keep_open(still_open)
         return n
 
     async def publish(self, events: Sequence[AlertEvent]) -> None:

@@ -36,6 +36,8 @@ class AlertSink(Protocol):
     ``send`` is awaited on the worker's event loop for every transition, in order; a sink
     that talks to a slow service queues internally and delivers from its own task, so one
     destination never holds up another. ``close`` delivers or gives up on what is queued.
+    Optionally, ``keep_open(events)`` is called with the alerts still open after a restart
+    (their openings), for a sink whose destination must keep hearing about them.
     """
 
     name: str

@@ -91,3 +91,25 @@ def test_a_refused_alert_is_dead_lettered_with_the_status(tmp_path: Path) -> Non
         asyncio.run(scenario())
     assert dead[0]["topic"] == "sink:alertmanager"
     assert "HTTP 404" in dead[0]["reason"] and "distribution_shift/cnn/cnn@1:0-10000" in dead[0]["reason"]
+
+
+@pytest.mark.integration
+def test_alerts_still_open_after_a_restart_are_pushed_again(tmp_path: Path) -> None:
+    from streams.alerts.hub import AlertHub
+    from streams.alerts.rules import AlertRules
+    from streams.metrics import Metrics
+
+    with alertmanager(tmp_path / "am") as base:
+        async def scenario() -> list[dict]:
+            sink = AlertmanagerSink(base, resend_s=60)
+            hub = AlertHub(AlertRules(), [sink], Metrics())
+            opened = _event("open", int(time.time() * 1000) - 60_000)
+            assert hub.restore([opened]) == 1  # what recovery does with the stored transitions
+            found = await asyncio.to_thread(
+                wait_until, lambda: [a for a in get_json(f"{base}/api/v2/alerts") if a["labels"].get("service")],
+                30, 0.2, "the restored alert in Alertmanager")
+            await sink.close()
+            return found
+
+        found = asyncio.run(scenario())
+    assert [a["labels"]["alert_id"] for a in found] == ["distribution_shift/cnn/cnn@1:0-10000"]
