@@ -13,7 +13,7 @@ from streams.stack import LocalStack
 from tests.deploy.tools import alertmanager, get_json
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PREFIX = "am17."
 
 

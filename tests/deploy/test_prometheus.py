@@ -55,6 +55,7 @@ def test_metric_names_follow_prometheus_conventions() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_prometheus_scrapes_a_live_worker(broker: str, tmp_path: Path) -> None:
     prefix = "prom17."
     with LocalStack(state_dir=tmp_path / "stack", bootstrap=broker,
