@@ -112,7 +112,7 @@ HOSTILE: list[tuple[str, str]] = [
     (f"SELECT \\u0066ile('{HOSTNAME}')", ODD),
     (f"SELECT \uff46\uff49\uff4c\uff45('{HOSTNAME}')", ODD),  # fullwidth letters
     (f"SELECT fil\u0435('{HOSTNAME}')", ODD),  # Cyrillic e
-    (f"SELECT {{p:String}}", ODD),
+    ("SELECT {p:String}", ODD),
     ("SELECT 'unterminated", "unterminated"),
     ("SELECT 1 /* unterminated", "unterminated"),
     ("", "empty"),
