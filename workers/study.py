@@ -126,10 +126,11 @@ class StudyResult:
 
 def _preset_label(name: str) -> str:
     """'pgd_small (ε 0.16)' for norm-bounded presets, else the name."""
-    from workers.attacks import PRESETS
+    from workers.attacks import get_preset
 
-    spec = PRESETS.get(name)
-    if spec is None:
+    try:
+        spec = get_preset(name)
+    except KeyError:
         return name
     if spec.max_l2 is not None:
         return f"{name} (L2 ≤ {spec.max_l2:g})"
@@ -141,9 +142,9 @@ def _preset_label(name: str) -> str:
 
 
 def _attack_info(name: str, result: Any, n_window: int) -> dict[str, Any]:
-    from workers.attacks import PRESETS
+    from workers.attacks import get_preset
 
-    spec = PRESETS[name]
+    spec = get_preset(name)
     return {
         "label": _preset_label(name),
         "config": spec.config(),
@@ -188,7 +189,7 @@ def layer_study(
     ``standardize`` standardises each feature by the reference (LADIS's option; the
     drift agent does not). Seeded throughout: the same arguments give the same table.
     """
-    from workers.attacks import PRESETS, generate
+    from workers.attacks import generate, get_preset
     from workers.inference.data import demo_split
     from workers.inference.models import layer_names, load_demo_models
     from workers.inference.tap import PENULTIMATE, LayerTap
@@ -196,8 +197,7 @@ def layer_study(
 
     presets = list(presets)
     for name in presets:
-        if name not in PRESETS:
-            raise KeyError(f"unknown attack preset {name!r}: known presets are {', '.join(PRESETS)}")
+        get_preset(name)  # KeyError listing the known presets
     if CLEAN in presets:
         raise ValueError(f"{CLEAN!r} is the false-positive column, not a preset")
     started = time.perf_counter()

@@ -14,6 +14,6 @@ through ``PyTorchClassifier`` and is permissively licensed (MIT).
 """
 
 from workers.attacks.generate import AttackResult, cache_key, cache_path, generate
-from workers.attacks.presets import PRESETS, Preset, get_preset
+from workers.attacks.presets import EVAL_PRESETS, PRESETS, Preset, get_preset
 
-__all__ = ["PRESETS", "AttackResult", "Preset", "cache_key", "cache_path", "generate", "get_preset"]
+__all__ = ["EVAL_PRESETS", "PRESETS", "AttackResult", "Preset", "cache_key", "cache_path", "generate", "get_preset"]

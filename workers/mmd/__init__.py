@@ -15,8 +15,12 @@ is in :mod:`workers.mmd.kernels`; results are the dataclasses of
 """
 
 from .kernels import (
+    COMBINATIONS,
     DEFAULT_MULTIPLIERS,
     LADIS_MULTIPLIERS,
+    MEDIAN_ONLY,
+    column_p_values,
+    combine_layers,
     median_heuristic,
     mmd2_from_kernel_matrix,
     permutation_assignments,
@@ -36,8 +40,12 @@ __all__ = [
     "CombinedTest",
     "DetectionRateResult",
     "ScoresResult",
+    "COMBINATIONS",
     "DEFAULT_MULTIPLIERS",
     "LADIS_MULTIPLIERS",
+    "MEDIAN_ONLY",
+    "column_p_values",
+    "combine_layers",
     "median_heuristic",
     "mmd2_from_kernel_matrix",
     "permutation_assignments",

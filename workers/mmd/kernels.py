@@ -48,13 +48,22 @@ __all__ = [
     "permutation_mmd2",
     "pair_weights",
     "permutation_p_value",
+    "column_p_values",
     "standardize_by_null",
+    "COMBINATIONS",
+    "combine_layers",
 ]
 
-#: One bandwidth: the median heuristic itself.
-DEFAULT_MULTIPLIERS: tuple[float, ...] = (1.0,)
 #: The five bandwidths of LADIS: median × 2^f for f = -2..2.
 LADIS_MULTIPLIERS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: The engine's default bandwidths (chosen by ``bench/detection.py``, see docs/detection.md).
+DEFAULT_MULTIPLIERS: tuple[float, ...] = LADIS_MULTIPLIERS
+#: One bandwidth: the median heuristic itself (the engine's default before issue 18).
+MEDIAN_ONLY: tuple[float, ...] = (1.0,)
+#: How the layers of a multi-layer test are combined (see :func:`combine_layers`).
+COMBINATIONS: tuple[str, ...] = ("minp", "fisher", "max", "sum")
+#: The engine's default combination (chosen by ``bench/detection.py``).
+DEFAULT_COMBINATION = "minp"
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -381,6 +390,58 @@ def permutation_p_value(null: torch.Tensor, observed: torch.Tensor | None = None
         observed, null = null[..., 0], null[..., 1:]
     count = (null >= observed.unsqueeze(-1)).sum(-1)
     return (1.0 + count.double()) / (1.0 + null.shape[-1])
+
+
+def column_p_values(stats: torch.Tensor) -> torch.Tensor:
+    """Permutation p-value of *every* column among all columns, along the last axis.
+
+    ``p_b = #{j : stat_j ≥ stat_b} / (1 + P)`` with j over the observed and the P
+    permuted columns (b itself included). For column 0 this is
+    :func:`permutation_p_value`; for a permuted column it is the p-value that split
+    would have had, were it the observed one. One sort and one ``searchsorted`` per
+    row, no loop over permutations.
+    """
+    s = stats.double().contiguous()
+    n = s.shape[-1]
+    below = torch.searchsorted(s.sort(-1).values, s, right=False)  # #{j : stat_j < stat_b}
+    return (n - below).double() / n
+
+
+def combine_layers(stats: torch.Tensor, method: str = "minp") -> torch.Tensor:
+    """One statistic per column from per-layer statistics ``(L, ..., 1 + P)`` (larger = more extreme).
+
+    All layers are evaluated on the same splits (column b is the same permutation in
+    every layer), and each method is a symmetric function of the set of columns, so
+    ranking column 0 among the others (:func:`permutation_p_value`) is an exact
+    permutation test of the combination, whatever the dependence between layers:
+
+    * ``minp`` — minus the smallest per-layer p-value (:func:`column_p_values`), ties
+      broken by Fisher's sum: the Westfall–Young min-p; as powerful as the best layer up
+      to the price of looking at L layers, insensitive to the shape of each layer's null;
+    * ``fisher`` — Fisher's ``−Σ log p`` of the per-layer permutation p-values, itself
+      ranked among the permuted splits (so no independence is assumed): between ``minp``
+      and ``sum``, strong when two or three layers each see part of the signal;
+    * ``max`` — the largest layer statistic standardised by its permutation mean/sd;
+    * ``sum`` — the sum of the standardised statistics (layerwatch's combination before
+      issue 18): strong when every layer sees a little, diluted when one layer carries
+      the signal.
+    """
+    if method in ("minp", "fisher"):
+        p = column_p_values(stats)
+        fisher = -p.log().sum(0)
+        if method == "fisher":
+            return fisher
+        # p-values are multiples of 1/(1+P): many splits share the smallest one, and ties
+        # count against the observed split. Fisher's sum breaks them (a symmetric function
+        # too, so the test stays exact), scaled below one step of 1/(1+P).
+        n = stats.shape[-1]
+        tie_break = fisher / (stats.shape[0] * math.log(n) + 1.0) / (2.0 * n)
+        return tie_break - p.amin(0)
+    if method == "max":
+        return standardize_by_null(stats).amax(0)
+    if method == "sum":
+        return standardize_by_null(stats).sum(0)
+    raise ValueError(f"unknown combination {method!r}: use one of {', '.join(COMBINATIONS)}")
 
 
 def standardize_by_null(stats: torch.Tensor) -> torch.Tensor:

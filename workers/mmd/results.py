@@ -13,15 +13,21 @@ __all__ = ["CombinedTest", "TestResult", "DetectionRateResult", "ScoresResult"]
 class CombinedTest:
     """Several layers tested with the same permutations.
 
-    ``statistic`` is the sum over layers of each layer's MMD² standardised by the
-    mean and sd of its own permutation distribution; ``p_value`` ranks it among the
-    same sums of the permuted splits, so it is a calibrated permutation p-value even
-    though the layers' p-values are dependent (no Fisher's method).
+    ``statistic`` combines the layers' MMD² by ``method`` (see
+    :func:`workers.mmd.kernels.combine_layers`: ``minp``, the smallest per-layer
+    permutation p-value; ``max``/``sum`` of the layer statistics standardised by
+    their own permutation distributions); ``p_value`` ranks it among the same
+    combinations of the permuted splits, so it is a calibrated permutation p-value
+    even though the layers are dependent (no Fisher's method, no Bonferroni).
+    ``p_values`` holds the p-value of every method (same permutations), ``layer_z``
+    each layer's standardised statistic.
     """
 
     statistic: float
     p_value: float
     layer_z: dict[str, float]
+    method: str = "minp"
+    p_values: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,11 @@ class DetectionRateResult:
     top-level ``rate``/``p_values`` are those of the combined per-repeat tests and
     ``layers`` holds one result per layer (``mmd2`` is then the per-repeat sum).
     ``reference_indices``/``window_indices`` say which rows each repeat used.
+    ``statistics`` is ``(R, 1 + P)``: each repeat's observed statistic (column 0) and
+    its permutation statistics (a layer's MMD², or the combined statistic at the top
+    level), so other combinations can be evaluated without recomputing kernels;
+    ``combinations`` holds the per-repeat p-values of every combination method and
+    ``method`` the one the top-level ``rate`` uses.
     """
 
     rate: float
@@ -73,6 +84,9 @@ class DetectionRateResult:
     window_indices: np.ndarray  # (R, m_window) window rows of each repeat
     layers: dict[str, "DetectionRateResult"] = field(default_factory=dict)
     compute_ms: float = 0.0
+    statistics: np.ndarray | None = None
+    combinations: dict[str, np.ndarray] = field(default_factory=dict)
+    method: str = ""
 
 
 @dataclass(frozen=True)

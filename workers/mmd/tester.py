@@ -103,11 +103,15 @@ class MMDTester:
 
     Gaussian RBF kernel on squared distances (GEMM expansion, clamped at 0), bandwidth
     from the median heuristic on the reference — computed once and frozen, so every
-    window is tested with the same kernel — optionally a mean of several bandwidths
-    (``bandwidth_multipliers=LADIS_MULTIPLIERS`` gives LADIS's median × 2^f,
-    f = −2…2) and a per-feature standardisation fitted on the reference
-    (``standardize=True``, as LADIS does). Unbiased MMD² (U-statistic, unequal
-    sizes allowed) or the biased V-statistic (``unbiased=False``).
+    window is tested with the same kernel. The defaults are LADIS's recipe, chosen
+    by ``bench/detection.py`` (docs/detection.md): features standardised by the
+    reference mean/sd (``standardize=True``) and the mean of five bandwidths, median
+    × 2^f for f = −2…2 (``bandwidth_multipliers=LADIS_MULTIPLIERS``); the engine's
+    former setting is ``standardize=False, bandwidth_multipliers=MEDIAN_ONLY``.
+    Unbiased MMD² (U-statistic, unequal sizes allowed) or the biased V-statistic
+    (``unbiased=False``). Several layers are combined by ``combine`` (default
+    ``minp``: the smallest per-layer permutation p-value, ranked against the same
+    minima of the permuted splits; see :func:`workers.mmd.kernels.combine_layers`).
 
     Permutation p-values are ``(1 + #{stat_b ≥ observed}) / (1 + P)``; all P
     permutations are evaluated together as matrix products on a kernel computed
@@ -122,6 +126,7 @@ class MMDTester:
         bandwidth_multipliers: multipliers of the median bandwidth (kernel = mean).
         bandwidth: fixed bandwidth σ (float, or dict per layer) instead of the median.
         standardize: standardise features by the reference mean/sd.
+        combine: multi-layer combination, ``minp`` (default), ``fisher``, ``max`` or ``sum``.
         reference_classes: predicted class of each reference row, for the
             class-mix adjustment of :meth:`detection_rate`.
         dtype: compute dtype, float32 (default) or float64; inputs may be
@@ -155,7 +160,8 @@ class MMDTester:
         *,
         bandwidth_multipliers: Sequence[float] = km.DEFAULT_MULTIPLIERS,
         bandwidth: float | Mapping[str, float] | None = None,
-        standardize: bool = False,
+        standardize: bool = True,
+        combine: str = km.DEFAULT_COMBINATION,
         reference_classes: Any = None,
         dtype: torch.dtype | str | None = None,
         unbiased: bool = True,
@@ -168,6 +174,9 @@ class MMDTester:
         self.n_permutations = int(n_permutations)
         self.unbiased = bool(unbiased)
         self.standardize = bool(standardize)
+        if combine not in km.COMBINATIONS:
+            raise ValueError(f"unknown combination {combine!r}: use one of {', '.join(km.COMBINATIONS)}")
+        self.combine = combine
         self.bandwidth_multipliers = tuple(float(m) for m in bandwidth_multipliers)
         self.max_chunk_bytes = int(max_chunk_bytes)
         if isinstance(seed, torch.Generator):
@@ -405,8 +414,8 @@ class MMDTester:
         """Permutation two-sample test of ``window`` against the reference.
 
         Returns MMD² (float64 sums), the p-value with P permutations, and for a dict
-        of layers per-layer results plus the combined test (sum of per-layer MMD²
-        standardised by their permutation distributions, same permutations).
+        of layers per-layer results plus the combined test (the tester's ``combine``
+        method over the same permutations; the p-values of the other methods too).
         """
         t0 = time.perf_counter()
         with self._lock, torch.no_grad():
@@ -462,14 +471,17 @@ class MMDTester:
             }
             if not self._multi:
                 return per_layer[_SINGLE]
-            z = km.standardize_by_null(stats).sum(0)
-            p_comb = float(km.permutation_p_value(z))
-            z_np = km.as_numpy(z)
+            combos = {method: km.combine_layers(stats, method) for method in km.COMBINATIONS}
+            p_all = {method: float(km.permutation_p_value(c)) for method, c in combos.items()}
+            p_comb = p_all[self.combine]
+            z_np = km.as_numpy(combos[self.combine])
             z_layers = km.as_numpy(km.standardize_by_null(stats)[:, 0])
             combined = CombinedTest(
                 statistic=float(z_np[0]),
                 p_value=p_comb,
                 layer_z={k: float(z_layers[i]) for i, k in enumerate(names)},
+                method=self.combine,
+                p_values=p_all,
             )
             return TestResult(
                 mmd2=float(sum(observed)),
@@ -634,7 +646,8 @@ class MMDTester:
             ir_np, iw_np = km.as_numpy(ir), km.as_numpy(iw)
             ms = (time.perf_counter() - t0) * 1e3
 
-            def result(pv: np.ndarray, mm: np.ndarray, layers: dict) -> DetectionRateResult:
+            def result(pv: np.ndarray, mm: np.ndarray, layers: dict, st: torch.Tensor, **extra: Any
+                       ) -> DetectionRateResult:
                 return DetectionRateResult(
                     rate=float(np.mean(pv <= alpha)),
                     p_values=pv,
@@ -649,14 +662,17 @@ class MMDTester:
                     window_indices=iw_np,
                     layers=layers,
                     compute_ms=ms,
+                    statistics=km.as_numpy(st),
+                    **extra,
                 )
 
-            per_layer = {k: result(p_np[i].copy(), mmd_np[i].copy(), {}) for i, k in enumerate(names)}
+            per_layer = {k: result(p_np[i].copy(), mmd_np[i].copy(), {}, stats[i]) for i, k in enumerate(names)}
             if not self._multi:
                 return per_layer[_SINGLE]
-            z = km.standardize_by_null(stats).sum(0)  # (R, 1+P)
-            p_comb = km.as_numpy(km.permutation_p_value(z))
-            return result(p_comb, mmd_np.sum(0), per_layer)
+            combos = {method: km.combine_layers(stats, method) for method in km.COMBINATIONS}  # (R, 1+P) each
+            p_all = {method: km.as_numpy(km.permutation_p_value(c)) for method, c in combos.items()}
+            return result(p_all[self.combine], mmd_np.sum(0), per_layer, combos[self.combine],
+                          combinations=p_all, method=self.combine)
 
     # ----------------------------------------------------------------- scores
     def scores(self, window: Any, k: int = 100, *, by: str = "witness") -> ScoresResult:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.mmd import MMDTester
+from workers.mmd import MEDIAN_ONLY, MMDTester
 
 alibi_cd = pytest.importorskip("alibi_detect.cd", reason="alibi-detect (dev extra) not installed")
 
@@ -18,8 +18,10 @@ def test_p_value_and_statistic_agree_with_alibi_detect(shift):
     rng = np.random.default_rng(int(shift * 100) + 11)
     x = rng.normal(size=(100, 8)).astype(np.float32)
     y = (rng.normal(size=(100, 8)) + shift).astype(np.float32)
-    ours = MMDTester(x, n_permutations=P, seed=0, device="cpu").test(y)
-    bandwidth = MMDTester(x, n_permutations=1, device="cpu").bandwidth
+    # alibi-detect's kernel: one bandwidth, raw features
+    ours = MMDTester(x, n_permutations=P, seed=0, device="cpu", standardize=False,
+                     bandwidth_multipliers=MEDIAN_ONLY).test(y)
+    bandwidth = MMDTester(x, n_permutations=1, device="cpu", standardize=False).bandwidth
     with torch.random.fork_rng():
         torch.manual_seed(0)  # alibi-detect permutes with the global torch RNG
         detector = alibi_cd.MMDDrift(

@@ -1,0 +1,134 @@
+"""A per-event anomaly score fitted on the clean reference: class-conditional Mahalanobis per layer.
+
+The window statistics of :mod:`workers.windowtests` need a per-event score with a known
+clean false-positive rate. This is the simplest honest one: unsupervised (it never sees
+an attack), fitted on the same reference activations the MMD tester uses.
+
+Per layer (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution
+samples and adversarial attacks", without their attack-trained weighting): class means of
+the reference activations and one shared covariance (Ledoit–Wolf shrinkage, so 64–128
+dimensions from a few hundred rows stay well conditioned); an event's distance is the
+squared Mahalanobis distance to the mean of its *predicted* class (an adversarial input
+predicted as class c usually sits far from c's clean activations). Each layer's
+log-distance is standardised by its calibration mean/sd and the event score is the
+largest over layers (continuous, so it also ranks events).
+
+Calibration scores are cross-fitted (each reference fold scored by a model fitted on the
+other folds), so their quantiles estimate the score distribution of *new* clean events,
+not of the rows the model was fitted on; :meth:`EventScorer.threshold` turns a target
+false-positive rate into a threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+__all__ = ["EventScorer"]
+
+_EPS = 1e-12
+
+
+@dataclass
+class _LayerModel:
+    means: np.ndarray  # (C, d) class means (global mean for classes absent from the fold)
+    precision: np.ndarray  # (d, d)
+    classes: np.ndarray  # (C,) class labels of the rows of means
+
+
+def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
+    from sklearn.covariance import LedoitWolf
+
+    classes = np.unique(y)
+    means = np.stack([x[y == c].mean(0) for c in classes])
+    centred = x - means[np.searchsorted(classes, y)]
+    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+    return _LayerModel(means=means, precision=precision, classes=classes)
+
+
+def _distance(model: _LayerModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each row to its class mean (the nearest mean for unknown classes)."""
+    diff = x[:, None, :] - model.means[None, :, :]  # (n, C, d)
+    d2 = np.einsum("ncd,de,nce->nc", diff, model.precision, diff)
+    pos = np.searchsorted(model.classes, y).clip(0, len(model.classes) - 1)
+    known = model.classes[pos] == y
+    return np.where(known, d2[np.arange(len(y)), pos], d2.min(1))
+
+
+class EventScorer:
+    """Per-event score of layer activations against a clean reference (higher = less like the reference).
+
+    Args:
+        reference: layer name → ``(n, d)`` reference activations (same rows in every layer).
+        classes: ``(n,)`` predicted class of each reference row.
+        folds: cross-fitting folds for the calibration scores.
+        seed: fold assignment.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> ref = {"pen": rng.normal(size=(400, 8))}
+        >>> scorer = EventScorer(ref, rng.integers(0, 2, 400))
+        >>> clean = scorer.score({"pen": rng.normal(size=(200, 8))}, np.zeros(200, int))
+        >>> shifted = scorer.score({"pen": rng.normal(size=(200, 8)) + 3}, np.zeros(200, int))
+        >>> t = scorer.threshold(0.05)
+        >>> bool((clean > t).mean() < 0.12), bool((shifted > t).mean() > 0.9)
+        (True, True)
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray], classes: np.ndarray, *, folds: int = 5,
+                 seed: int = 0) -> None:
+        self.layers = list(reference)
+        if not self.layers:
+            raise ValueError("empty reference")
+        xs = {k: np.asarray(v, dtype=np.float64).reshape(len(v), -1) for k, v in reference.items()}
+        y = np.asarray(classes).reshape(-1)
+        n = len(y)
+        if any(len(v) != n for v in xs.values()):
+            raise ValueError("every reference layer needs one row per class label")
+        if n < 2 * folds:
+            raise ValueError(f"the reference needs at least {2 * folds} rows")
+        fold = np.random.default_rng(seed).permutation(n) % folds
+        log_cal = np.empty((len(self.layers), n))
+        for f in range(folds):
+            fit, held = fold != f, fold == f
+            for i, k in enumerate(self.layers):
+                log_cal[i, held] = np.log(_distance(_fit_layer(xs[k][fit], y[fit]), xs[k][held], y[held]) + _EPS)
+        self._center = log_cal.mean(1)
+        self._scale = log_cal.std(1) + _EPS
+        self._models = {k: _fit_layer(xs[k], y) for k in self.layers}
+        #: cross-fitted scores of the reference rows (their distribution estimates new clean events')
+        self.calibration = self._combine(log_cal)
+
+    def _combine(self, log_d: np.ndarray) -> np.ndarray:
+        return ((log_d - self._center[:, None]) / self._scale[:, None]).max(0)
+
+    def score(self, layers: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
+        """``(n,)`` scores of events (layer name → ``(n, d)`` activations, their predicted classes)."""
+        y = np.asarray(classes).reshape(-1)
+        missing = [k for k in self.layers if k not in layers]
+        if missing:
+            raise KeyError(f"missing layers {missing}")
+        log_d = np.stack([
+            np.log(_distance(self._models[k], np.asarray(layers[k], dtype=np.float64).reshape(len(y), -1), y) + _EPS)
+            for k in self.layers
+        ])
+        return self._combine(log_d)
+
+    def threshold(self, fpr: float) -> float:
+        """Score above which an event is flagged so that about ``fpr`` of clean events are (calibration quantile)."""
+        if not 0.0 < fpr < 1.0:
+            raise ValueError("fpr must be in (0, 1)")
+        return float(np.quantile(self.calibration, 1.0 - fpr, method="higher"))
+
+    def flag_rate(self, threshold: float) -> tuple[int, int]:
+        """(calibration rows above ``threshold``, calibration rows): the clean flag count behind the rate."""
+        return int((self.calibration > threshold).sum()), int(len(self.calibration))
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """Conformal p-values ``(1 + #{calibration ≥ s}) / (1 + n_cal)`` of scores (small = unlike the reference)."""
+        cal = np.sort(self.calibration)
+        above = len(cal) - np.searchsorted(cal, np.asarray(scores), side="left")
+        return (1.0 + above) / (1.0 + len(cal))
