@@ -82,7 +82,7 @@ def build_set(state_dir: Path, model: str, attacks: tuple[str, ...], seed: int) 
     if cache.exists():
         with np.load(cache, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
-        if all(f"{w}/classes" in data for w in want):
+        if all(f"{w}/outputs" in data for w in want):
             return _unflatten(data)
     demo = load_demo_models(state_dir, [model], progress=True, seed=seed)[model]
     split = demo_split(seed)
@@ -93,7 +93,10 @@ def build_set(state_dir: Path, model: str, attacks: tuple[str, ...], seed: int) 
         def acts(x: np.ndarray) -> dict[str, np.ndarray]:
             got = tap.tap(x)
             res = {name: np.asarray(got.layers[name], dtype=np.float32) for name in layers}
-            res["classes"] = np.asarray(got.outputs).argmax(1).astype(np.int64)
+            logits = np.asarray(got.outputs, dtype=np.float64)
+            res["classes"] = logits.argmax(1).astype(np.int64)
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            res["outputs"] = (e / e.sum(1, keepdims=True)).astype(np.float32)  # softmax, as the server publishes
             return res
 
         out["reference"] = acts(split.x_val)
@@ -163,6 +166,36 @@ def window_tests(data: dict[str, Any], names: list[str], attacks: tuple[str, ...
     return rates
 
 
+def h0_level(data: dict[str, Any], names: list[str], args: argparse.Namespace, bar: Any, task: Any
+             ) -> dict[str, float]:
+    """Level of the default tester on exchangeable clean data: random re-splits of validation ∪ test.
+
+    The detection rate of the clean test window is conservative (R subsamples of 100 from a pool of
+    ~360 rows vary less than independent draws: the finite-population correction); here each split
+    draws a fresh reference (n_ref rows) and window (m rows) from the pooled clean rows, so each
+    ``MMDTester.test`` is exactly exchangeable under H0 and its rejection rate estimates the level.
+    """
+    from workers.mmd import COMBINATIONS, MMDTester
+
+    pool = {k: np.vstack([data["reference"][k], data["clean"][k]]) for k in names}
+    n_pool, n_ref = len(pool[names[0]]), len(data["reference"]["classes"])
+    rng = np.random.default_rng(args.seed + 1)
+    p = {k: [] for k in [*names, *COMBINATIONS]}
+    for i in range(args.h0_splits):
+        order = rng.permutation(n_pool)
+        ri, wi = order[:n_ref], order[n_ref:n_ref + args.m]
+        tester = MMDTester({k: v[ri] for k, v in pool.items()}, n_permutations=args.permutations, seed=i,
+                           device="cpu")
+        res = tester.test({k: v[wi] for k, v in pool.items()})
+        for k in names:
+            p[k].append(res.layers[k].p_value)
+        for method in COMBINATIONS:
+            p[method].append(res.combined.p_values[method])
+        if (i + 1) % 50 == 0:
+            bar.advance(task, 50)
+    return {k: float(np.mean(np.asarray(v) <= args.alpha)) for k, v in p.items()}
+
+
 # ------------------------------------------------------------------------------ part 2
 
 
@@ -175,9 +208,15 @@ def hidden_attacks(data: dict[str, Any], names: list[str], attacks: tuple[str, .
 
     rng = np.random.default_rng(args.seed)
     ref = layers_of(data["reference"], names)
-    scorer = EventScorer(ref, data["reference"]["classes"], seed=args.seed)
-    clean_score = scorer.score(layers_of(data["clean"], names), data["clean"]["classes"])
-    adv_score = {a: scorer.score(layers_of(data[a], names), data[a]["classes"]) for a in attacks}
+    outputs = data["reference"]["outputs"] if args.margin else None
+    scorer = EventScorer(ref, data["reference"]["classes"], outputs=outputs, seed=args.seed)
+
+    def score(w: str) -> np.ndarray:
+        return scorer.score(layers_of(data[w], names), data[w]["classes"],
+                            data[w]["outputs"] if args.margin else None)
+
+    clean_score = score("clean")
+    adv_score = {a: score(a) for a in attacks}
     tester = MMDTester(ref, n_permutations=args.permutations, seed=args.seed, device="cpu")
     hop, n_win = args.hop, 2 * args.hop
     shares = np.array(args.shares)
@@ -268,6 +307,26 @@ def hidden_attacks(data: dict[str, Any], names: list[str], attacks: tuple[str, .
     return out
 
 
+def share_needed(tpr: float, fpr: float, args: argparse.Namespace, rng: np.random.Generator) -> float | None:
+    """Minimum detectable share of the count test for a per-event detector with this TPR and clean FPR."""
+    from workers.windowtests import alert_opens, count_test
+
+    shares = np.array(args.shares)
+    n_adv = rng.binomial(args.hop, shares[:, None, None], size=(len(shares), args.episodes, 4))
+    f = rng.binomial(n_adv, tpr) + rng.binomial(args.hop - n_adv, fpr)
+    pos = count_test(f[..., 1:] + f[..., :-1], 2 * args.hop, fpr) <= args.window_alpha
+    p_open = alert_opens(pos.reshape(-1, 3), consecutive=2).reshape(len(shares), -1).mean(1)
+    ok = np.flatnonzero(p_open >= 0.9)
+    return float(shares[ok[0]]) if len(ok) else None
+
+
+def requirements(args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
+    """Minimum detectable share as a function of the per-event detector's operating point (TPR, FPR)."""
+    rng = np.random.default_rng(args.seed + 2)
+    return {f"{fpr:g}": {f"{tpr:g}": share_needed(tpr, fpr, args, rng) for tpr in (0.3, 0.5, 0.7, 0.9, 0.99)}
+            for fpr in (0.002, 0.005, 0.01, 0.02, 0.05)}
+
+
 # ------------------------------------------------------------------------------ output
 
 
@@ -279,7 +338,11 @@ def print_tables(console: Any, results: dict[str, Any], attacks: tuple[str, ...]
     for model, res in results["models"].items():
         names = res["layers"]
         windows = [CLEAN, MIX, MIX_ADJ, *attacks]
-        for kname in KERNELS:
+        if res["h0_level"]:
+            console.print(f"{model}: level of the default tester on {results['params']['h0_splits']} random "
+                          f"re-splits of clean data (α {results['params']['alpha']:g}): "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in res["h0_level"].items()))
+        for kname in res["rates"]:
             rates = res["rates"][kname]
             table = Table(title=f"{model}: detection rate, kernel setting '{kname}' ({KERNELS[kname]})")
             table.add_column("window")
@@ -339,10 +402,16 @@ def summary(results: dict[str, Any], attacks: tuple[str, ...]) -> dict[str, Any]
             small += [rates[a][k] for a in SMALL if a in attacks for k in res["layers"]]
         out[kname] = {
             "clean_fpr_mean_over_layers": float(np.mean(fpr_layers)),
-            "combined_level": {m: float(np.mean(v)) for m, v in level.items()},
+            "clean_fpr_mean_combined": {m: float(np.mean(v)) for m, v in level.items()},
             "combined_worst_gap_to_best_layer": {m: float(np.max(v)) for m, v in gap.items()},
             "small_attacks_mean_rate": float(np.mean(small)) if small else None,
         }
+    out["h0_level_default_tester"] = {
+        k: float(np.mean([res["h0_level"][k] for res in results["models"].values()]))
+        for k in COMBINATIONS
+    }
+    out["h0_level_default_tester_layers_mean"] = float(np.mean(
+        [res["h0_level"][k] for res in results["models"].values() for k in res["layers"]]))
     return out
 
 
@@ -356,17 +425,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats-h0", type=int, default=1000, help="R of the clean window (the level)")
     parser.add_argument("--m", type=int, default=100)
     parser.add_argument("--permutations", type=int, default=500, help="P")
+    parser.add_argument("--h0-splits", type=int, default=1000, help="random clean re-splits for the level")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--state-dir", type=Path, default=Path(os.environ.get("LW_STATE_DIR", "./.layerwatch")))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-hidden", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-windows", action="store_true", help="part 2 only")
+    parser.add_argument("--hop", type=int, default=100,
+                        help="events per window step (a window holds two hops: 100 = the 200-event reservoir)")
+    parser.add_argument("--margin", action="store_true", help="add the output-margin component to the per-event score")
+    parser.add_argument("--window-alpha", type=float, default=0.001, help="count test level per window")
     args = parser.parse_args(argv)
-    args.hop = 100
-    args.window_alpha = 0.001
     args.flag_rates = (0.01, 0.02, 0.05)
     args.rate_confidence = 0.5
-    args.shares = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
+    args.shares = (0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
     args.episodes = 2000
     args.clean_hours = 200.0
     args.client_flag_rate = 0.02
@@ -374,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     args.client_draws = 10
     args.rank_draws = 10
     if args.quick:
-        args.repeats, args.repeats_h0, args.m, args.permutations = 30, 200, 50, 200
+        args.repeats, args.repeats_h0, args.m, args.permutations, args.h0_splits = 30, 200, 50, 200, 200
         args.models = "cnn" if args.models == parser.get_default("models") else args.models
         args.client_draws, args.rank_draws, args.episodes = 4, 4, 500
 
@@ -403,11 +476,15 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(task, completed=1)
             names = layer_names(model)
             t_set = time.perf_counter() - t0
-            steps = len(KERNELS) * (2 + len(attacks))
-            task = bar.add_task(f"{model}: window tests", total=steps)
-            t0 = time.perf_counter()
-            rates = window_tests(data, names, attacks, args, bar, task)
-            t_mmd = time.perf_counter() - t0
+            rates, level, t_mmd = {}, {}, 0.0
+            if not args.skip_windows:
+                steps = len(KERNELS) * (2 + len(attacks))
+                task = bar.add_task(f"{model}: window tests", total=steps)
+                t0 = time.perf_counter()
+                rates = window_tests(data, names, attacks, args, bar, task)
+                task = bar.add_task(f"{model}: level on re-split clean data", total=args.h0_splits)
+                level = h0_level(data, names, args, bar, task)
+                t_mmd = time.perf_counter() - t0
             entry: dict[str, Any] = {
                 "layers": names,
                 "dims": {k: int(data["reference"][k].shape[1]) for k in names},
@@ -418,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "mean_linf": float(data[a]["mean_linf"]), "mean_l2": float(data[a]["mean_l2"])}
                             for a in attacks},
                 "rates": rates,
+                "h0_level": level,
                 "seconds": {"evaluation_set": round(t_set, 2), "window_tests": round(t_mmd, 2)},
             }
             if not args.skip_hidden:
@@ -426,9 +504,24 @@ def main(argv: list[str] | None = None) -> int:
                 entry["hidden"] = hidden_attacks(data, names, attacks, args, bar, task)
                 entry["seconds"]["hidden"] = round(time.perf_counter() - t0, 2)
             results["models"][model] = entry
-    results["summary"] = summary(results, attacks)
+    results["summary"] = summary(results, attacks) if not args.skip_windows else {}
+    if not args.skip_hidden:
+        results["count_test_requirements"] = requirements(args)
     results["seconds"] = round(time.perf_counter() - started, 2)
     print_tables(console, results, attacks)
+    if "count_test_requirements" in results:
+        from rich.table import Table
+
+        req = results["count_test_requirements"]
+        table = Table(title=f"count test: minimum detectable share by the per-event detector's operating point "
+                            f"(window α {args.window_alpha:g}, 2 windows in a row, ≥ 90% within 3 windows)")
+        table.add_column("clean FPR \\ TPR")
+        tprs = list(next(iter(req.values())))
+        for t in tprs:
+            table.add_column(t, justify="right")
+        for fpr, row in req.items():
+            table.add_row(fpr, *(f"{v:.1%}" if v is not None else "> 50%" for v in row.values()))
+        console.print(table)
     console.print_json(json.dumps(results["summary"]))
     console.print(f"total {results['seconds']:.1f} s")
     if args.json is not None:

@@ -13,6 +13,12 @@ predicted as class c usually sits far from c's clean activations). Each layer's
 log-distance is standardised by its calibration mean/sd and the event score is the
 largest over layers (continuous, so it also ranks events).
 
+With the model's output vectors (softmax, as the model server publishes them) one more
+component joins the maximum: the top-1 minus top-2 probability margin, as ``−log``
+margin. Minimal-change attacks (CW, DeepFool, small-budget PGD) stop just across a
+decision boundary, where clean inputs rarely are; it needs no fitting, so the reference
+rows' own margins are its calibration.
+
 Calibration scores are cross-fitted (each reference fold scored by a model fitted on the
 other folds), so their quantiles estimate the score distribution of *new* clean events,
 not of the rows the model was fitted on; :meth:`EventScorer.threshold` turns a target
@@ -57,12 +63,21 @@ def _distance(model: _LayerModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(known, d2[np.arange(len(y)), pos], d2.min(1))
 
 
+def _log_margin(outputs: np.ndarray, n: int) -> np.ndarray:
+    """``−log(p_top1 − p_top2)`` per row: large near a decision boundary."""
+    out = np.asarray(outputs, dtype=np.float64).reshape(n, -1)
+    top2 = np.sort(out, axis=1)[:, -2:]
+    return -np.log(top2[:, 1] - top2[:, 0] + 1e-6)
+
+
 class EventScorer:
     """Per-event score of layer activations against a clean reference (higher = less like the reference).
 
     Args:
         reference: layer name → ``(n, d)`` reference activations (same rows in every layer).
         classes: ``(n,)`` predicted class of each reference row.
+        outputs: ``(n, classes)`` output vectors (softmax) of the reference rows, to add the
+            margin component (then :meth:`score` needs outputs too).
         folds: cross-fitting folds for the calibration scores.
         seed: fold assignment.
 
@@ -78,8 +93,8 @@ class EventScorer:
         (True, True)
     """
 
-    def __init__(self, reference: Mapping[str, np.ndarray], classes: np.ndarray, *, folds: int = 5,
-                 seed: int = 0) -> None:
+    def __init__(self, reference: Mapping[str, np.ndarray], classes: np.ndarray, *,
+                 outputs: np.ndarray | None = None, folds: int = 5, seed: int = 0) -> None:
         self.layers = list(reference)
         if not self.layers:
             raise ValueError("empty reference")
@@ -96,6 +111,9 @@ class EventScorer:
             fit, held = fold != f, fold == f
             for i, k in enumerate(self.layers):
                 log_cal[i, held] = np.log(_distance(_fit_layer(xs[k][fit], y[fit]), xs[k][held], y[held]) + _EPS)
+        self.uses_outputs = outputs is not None
+        if self.uses_outputs:
+            log_cal = np.vstack([log_cal, _log_margin(outputs, n)[None, :]])
         self._center = log_cal.mean(1)
         self._scale = log_cal.std(1) + _EPS
         self._models = {k: _fit_layer(xs[k], y) for k in self.layers}
@@ -105,9 +123,12 @@ class EventScorer:
     def _combine(self, log_d: np.ndarray) -> np.ndarray:
         return ((log_d - self._center[:, None]) / self._scale[:, None]).max(0)
 
-    def score(self, layers: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
-        """``(n,)`` scores of events (layer name → ``(n, d)`` activations, their predicted classes)."""
+    def score(self, layers: Mapping[str, np.ndarray], classes: np.ndarray,
+              outputs: np.ndarray | None = None) -> np.ndarray:
+        """``(n,)`` scores of events (layer name → ``(n, d)`` activations, their predicted classes, outputs)."""
         y = np.asarray(classes).reshape(-1)
+        if self.uses_outputs and outputs is None:
+            raise ValueError("this scorer was fitted with output vectors: score() needs them too")
         missing = [k for k in self.layers if k not in layers]
         if missing:
             raise KeyError(f"missing layers {missing}")
@@ -115,6 +136,8 @@ class EventScorer:
             np.log(_distance(self._models[k], np.asarray(layers[k], dtype=np.float64).reshape(len(y), -1), y) + _EPS)
             for k in self.layers
         ])
+        if self.uses_outputs:
+            log_d = np.vstack([log_d, _log_margin(outputs, len(y))[None, :]])
         return self._combine(log_d)
 
     def threshold(self, fpr: float) -> float:

@@ -20,7 +20,14 @@ repeated tests on random subsamples that reject at alpha. Its table for PGD at
   attacks too (an attacker sends them all), unless ``successful_only``;
 - per tapped layer, shallow to deep (:func:`workers.inference.models.layer_names`:
   conv maps reduced by global average pooling, ending with the penultimate layer),
-  plus the combined test of all layers (layerwatch's ``__combined__`` row).
+  plus the combined test of all layers (layerwatch's ``__combined__`` row: the
+  engine's default combination, min-p over the same permutations) and, beside it,
+  every other combination (``combined:<method>`` rows: Fisher, max, sum).
+
+The kernel is the engine's default (:class:`workers.mmd.MMDTester`'s own defaults:
+standardised features, five bandwidths median × 2^f, f = −2…2 — chosen by
+``bench/detection.py``, see docs/detection.md); ``standardize`` and
+``bandwidth_multipliers`` override it for comparisons.
 
 All layers of a window are tested in one ``detection_rate`` call (same subsamples and
 permutations for every layer); the clean and the adversarial windows have the same
@@ -48,6 +55,7 @@ from workers.progress import progress_bar
 __all__ = [
     "CLEAN",
     "COMBINED",
+    "combination_key",
     "LADIS_PGD_TABLE",
     "StudyResult",
     "format_table",
@@ -58,6 +66,11 @@ __all__ = [
 ]
 
 CLEAN = "clean"
+
+
+def combination_key(method: str) -> str:
+    """Stats key of a multi-layer combination's row (``COMBINED`` holds the engine's default)."""
+    return f"combined:{method}"
 
 #: Seed 000's table: PGD ε 0.003 on ResNet18, detection rate by layer index.
 LADIS_PGD_TABLE: dict[int, float] = {1: 0.03, 4: 0.07, 8: 0.84, 12: 0.95, 14: 1.00, 15: 1.00}
@@ -173,7 +186,8 @@ def layer_study(
     layers: Sequence[str] | None = None,
     alpha: float = 0.05,
     successful_only: bool = False,
-    standardize: bool = False,
+    standardize: bool | None = None,
+    bandwidth_multipliers: Sequence[float] | None = None,
     device: str | None = None,
 ) -> StudyResult:
     """Detection rate per tapped layer of ``model``: clean (FPR) and each attack preset.
@@ -186,14 +200,15 @@ def layer_study(
     Adversarial sets are generated once and cached under ``<state_dir>/attacks/``.
 
     ``successful_only`` keeps only the adversarial inputs that flipped the prediction;
-    ``standardize`` standardises each feature by the reference (LADIS's option; the
-    drift agent does not). Seeded throughout: the same arguments give the same table.
+    ``standardize`` and ``bandwidth_multipliers`` override the engine's default kernel
+    (None: the default, as the drift stage runs it). Seeded throughout: the same
+    arguments give the same table.
     """
     from workers.attacks import generate, get_preset
     from workers.inference.data import demo_split
     from workers.inference.models import layer_names, load_demo_models
     from workers.inference.tap import PENULTIMATE, LayerTap
-    from workers.mmd import MMDTester
+    from workers.mmd import COMBINATIONS, MMDTester
 
     presets = list(presets)
     for name in presets:
@@ -246,18 +261,28 @@ def layer_study(
 
         t0 = time.perf_counter()
         bar.update(task, description=f"layer study: {model}, MMD tests")
-        tester = MMDTester(reference, n_permutations=n_permutations, seed=seed, device=device,
-                           standardize=standardize)
+        kernel: dict[str, Any] = {}
+        if standardize is not None:
+            kernel["standardize"] = bool(standardize)
+        if bandwidth_multipliers is not None:
+            kernel["bandwidth_multipliers"] = tuple(bandwidth_multipliers)
+        tester = MMDTester(reference, n_permutations=n_permutations, seed=seed, device=device, **kernel)
         stats: dict[str, dict[str, WindowStats]] = {}
         for window_name, window in windows.items():
             res = tester.detection_rate(window, repeats=repeats, m=m, alpha=alpha)
             per = dict(res.layers) if res.layers else {study_layers[0]: res}
             per[COMBINED] = res
-            stats[window_name] = {
+            row = {
                 k: WindowStats(rate=float(per[k].rate), median_p=float(np.median(per[k].p_values)),
                                median_mmd2=float(np.median(per[k].mmd2)))
                 for k in [*study_layers, COMBINED]
             }
+            for method, p_values in res.combinations.items():
+                if method != res.method:
+                    row[combination_key(method)] = WindowStats(
+                        rate=float(np.mean(p_values <= alpha)), median_p=float(np.median(p_values)),
+                        median_mmd2=float(np.median(res.mmd2)))
+            stats[window_name] = row
             bar.advance(task)
         timings["mmd"] = time.perf_counter() - t0
         bar.update(task, completed=steps, description=f"layer study: {model}, done")
@@ -271,7 +296,10 @@ def layer_study(
         "n_reference": int(len(split.y_val)),
         "n_clean": int(len(split.y_test)),
         "successful_only": bool(successful_only),
-        "standardize": bool(standardize),
+        "standardize": bool(tester.standardize),
+        "bandwidth_multipliers": list(tester.bandwidth_multipliers),
+        "combination": tester.combine,
+        "other_combinations": [m for m in COMBINATIONS if m != tester.combine and len(study_layers) > 1],
         "bandwidth": {k: float(v) for k, v in tester.bandwidth.items()} if isinstance(tester.bandwidth, dict)
         else float(tester.bandwidth),
         "device": str(tester.device),
@@ -302,14 +330,25 @@ def _pct(rate: float) -> str:
 
 
 def _rows(result: StudyResult) -> list[tuple[str, str, str, list[float]]]:
-    """(index, layer, dim, [fpr, rate per preset]) rows, the combined row last."""
+    """(index, layer, dim, [fpr, rate per preset]) rows, then the combined rows (the default first)."""
     rows = []
     for i, name in enumerate(result.layers, start=1):
         rows.append((str(i), name, str(result.dims.get(name, "")),
                      [result.rates[CLEAN][name], *(result.rates[p][name] for p in result.presets)]))
-    rows.append(("", "all layers (combined)", str(sum(result.dims.values())),
-                 [result.rates[CLEAN][COMBINED], *(result.rates[p][COMBINED] for p in result.presets)]))
+    dim = str(sum(result.dims.values()))
+    combined = [(COMBINED, f"all layers (combined: {result.params.get('combination', 'minp')}, default)")]
+    combined += [(combination_key(m), f"all layers (combined: {m})")
+                 for m in result.params.get("other_combinations", [])]
+    for key, label in combined:
+        rows.append(("", label, dim, [result.rates[CLEAN][key], *(result.rates[p][key] for p in result.presets)]))
     return rows
+
+
+def _kernel(p: dict[str, Any]) -> str:
+    mult = p.get("bandwidth_multipliers", [1.0])
+    bws = "one median bandwidth" if list(mult) == [1.0] else (
+        "median × " + ", ".join(f"{m:g}" for m in mult) + " (mean kernel)")
+    return f"{'standardised' if p.get('standardize') else 'raw'} features, {bws}"
 
 
 def _caption(result: StudyResult) -> str:
@@ -322,7 +361,7 @@ def _caption(result: StudyResult) -> str:
         f"Detection rate = share of {p['repeats']} MMD tests (m={p['m']} reference + m window rows, "
         f"{p['n_permutations']} permutations) rejecting at α={p['alpha']:g}. Reference: {p['n_reference']} "
         f"clean validation activations; FPR column: {p['n_clean']} clean test inputs; attack columns: the "
-        f"adversarial test inputs ({attacks}). Model {result.model} v{result.model_version} "
+        f"adversarial test inputs ({attacks}). Kernel: {_kernel(p)}. Model {result.model} v{result.model_version} "
         f"(test accuracy {p['test_accuracy'] * 100:.1f}%), seed {p['seed']}, {result.seconds:.1f} s on "
         f"{p['device']}."
     )
@@ -351,7 +390,7 @@ def format_table(result: StudyResult) -> Any:
         for v in values[1:]:
             style = "bold green" if v >= 0.9 else ("yellow" if v >= 0.5 else "red")
             cells.append(f"[{style}]{_pct(v)}[/]")
-        table.add_row(idx, layer, dim, *cells, end_section=(i == len(rows) - 2))
+        table.add_row(idx, layer, dim, *cells, end_section=(i == len(result.layers) - 1))
     return table
 
 

@@ -24,6 +24,7 @@ from workers.study import (
     CLEAN,
     COMBINED,
     StudyResult,
+    combination_key,
     format_table,
     layer_study,
     to_json,
@@ -32,6 +33,7 @@ from workers.study import (
 
 LAYERS = ("stem", "layer2", "penultimate")
 PRESETS = ("pgd_small", "deepfool")
+OTHER = [combination_key(m) for m in ("fisher", "max", "sum")]
 
 
 def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -54,7 +56,7 @@ def test_rates_are_per_layer_in_unit_interval(study: StudyResult) -> None:
     assert study.presets == list(PRESETS)
     assert set(study.rates) == {CLEAN, *PRESETS}
     for window, per_layer in study.rates.items():
-        assert list(per_layer) == [*LAYERS, COMBINED], window
+        assert list(per_layer) == [*LAYERS, COMBINED, *OTHER], window
         for layer, rate in per_layer.items():
             assert 0.0 <= rate <= 1.0, (window, layer, rate)
             assert study.stats[window][layer].rate == rate
@@ -62,6 +64,8 @@ def test_rates_are_per_layer_in_unit_interval(study: StudyResult) -> None:
     assert study.dims == {"stem": 16, "layer2": 32, "penultimate": 64}
     assert study.params["repeats"] == 10 and study.params["m"] == 30 and study.params["n_permutations"] == 100
     assert study.params["n_reference"] > 300 and study.params["n_clean"] > 300
+    assert study.params["standardize"] is True and study.params["combination"] == "minp"
+    assert study.params["bandwidth_multipliers"] == [0.25, 0.5, 1.0, 2.0, 4.0]
     for name in PRESETS:
         assert study.attacks[name]["success_rate"] > 0.5
         assert study.attacks[name]["n_window"] == study.params["n_clean"]
@@ -92,7 +96,7 @@ def test_outputs_table_markdown_json(study: StudyResult, tmp_path: Path) -> None
 
     md = to_markdown(study)
     lines = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(lines) == 2 + len(LAYERS) + 1  # header, rule, layers, combined
+    assert len(lines) == 2 + len(LAYERS) + 1 + len(OTHER)  # header, rule, layers, default and other combinations
     assert lines[2].startswith("| 1 | `stem` | 16 |")
     assert all(line.count("|") == 5 + len(PRESETS) for line in lines)
 

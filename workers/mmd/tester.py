@@ -299,7 +299,8 @@ class MMDTester:
     def __repr__(self) -> str:
         return (
             f"MMDTester(n_reference={self.n_reference}, layers={self.layer_names or 1}, "
-            f"P={self.n_permutations}, bandwidth={self.bandwidth}, device={self.device}, dtype={self.dtype})"
+            f"P={self.n_permutations}, bandwidth={self.bandwidth}, multipliers={self.bandwidth_multipliers}, "
+            f"standardize={self.standardize}, combine={self.combine}, device={self.device}, dtype={self.dtype})"
         )
 
     # ---------------------------------------------------------- window state
