@@ -145,7 +145,7 @@ def window_tests(data: dict[str, Any], names: list[str], attacks: tuple[str, ...
                            reference_classes=data["reference"]["classes"], **kw)
         per: dict[str, dict[str, float]] = {}
 
-        def record(window: str, res: Any) -> None:
+        def record(window: str, res: Any, per: dict[str, dict[str, float]] = per) -> None:
             row = {k: float(r.rate) for k, r in res.layers.items()}
             for method in COMBINATIONS:
                 row[method] = float(np.mean(res.combinations[method] <= args.alpha))
@@ -204,7 +204,13 @@ def hidden_attacks(data: dict[str, Any], names: list[str], attacks: tuple[str, .
     """Count test, heavy-client test, ranking and the window test on mixed windows."""
     from workers.eventscore import EventScorer
     from workers.mmd import MMDTester
-    from workers.windowtests import alert_opens, count_test, heavy_client_tests, rank_events, rate_bound
+    from workers.windowtests import (
+        alert_opens,
+        count_test,
+        heavy_client_tests,
+        rank_events,
+        rate_bound,
+    )
 
     rng = np.random.default_rng(args.seed)
     ref = layers_of(data["reference"], names)
@@ -488,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             entry: dict[str, Any] = {
                 "layers": names,
                 "dims": {k: int(data["reference"][k].shape[1]) for k in names},
-                "n_reference": int(len(data["reference"]["classes"])),
-                "n_clean": int(len(data["clean"]["classes"])),
+                "n_reference": len(data["reference"]["classes"]),
+                "n_clean": len(data["clean"]["classes"]),
                 "n_class_mix": int(np.isin(data["clean"]["classes"], MIX_CLASSES).sum()),
                 "attacks": {a: {"success_rate": float(data[a]["success_rate"]),
                                 "mean_linf": float(data[a]["mean_linf"]), "mean_l2": float(data[a]["mean_l2"])}

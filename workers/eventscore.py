@@ -27,8 +27,8 @@ false-positive rate into a threshold.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -148,7 +148,7 @@ class EventScorer:
 
     def flag_rate(self, threshold: float) -> tuple[int, int]:
         """(calibration rows above ``threshold``, calibration rows): the clean flag count behind the rate."""
-        return int((self.calibration > threshold).sum()), int(len(self.calibration))
+        return int((self.calibration > threshold).sum()), len(self.calibration)
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """Conformal p-values ``(1 + #{calibration ≥ s}) / (1 + n_cal)`` of scores (small = unlike the reference)."""

@@ -23,8 +23,9 @@ Pure numpy/scipy; the stream wiring lives in ``streams/``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

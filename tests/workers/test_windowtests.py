@@ -9,7 +9,13 @@ import pytest
 
 from workers.eventscore import EventScorer
 from workers.mmd import MMDTester
-from workers.windowtests import alert_opens, count_test, heavy_client_tests, rank_events, rate_bound
+from workers.windowtests import (
+    alert_opens,
+    count_test,
+    heavy_client_tests,
+    rank_events,
+    rate_bound,
+)
 
 
 def test_count_test_is_the_exact_binomial_tail():
@@ -100,3 +106,14 @@ def test_event_scorer_is_calibrated_on_new_clean_events_and_flags_shifted_ones()
     assert 0.03 <= np.mean(p <= 0.05) <= 0.07
     with pytest.raises(KeyError):
         scorer.score({"l1": clean["l1"]}, y_clean)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import workers.eventscore
+    import workers.windowtests
+
+    for module in (workers.eventscore, workers.windowtests):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
