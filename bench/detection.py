@@ -287,17 +287,20 @@ def hidden_attacks(data: dict[str, Any], names: list[str], attacks: tuple[str, .
 
     # ranking: 150 clean + 50 adversarial, top-50 precision
     for a in attacks:
-        prec = {"witness": [], "event": [], "combined": []}
+        prec = {"witness": [], "event": [], "combined": [], "borda": []}
         for _ in range(args.rank_draws):
             ci = rng.choice(len(clean_score), 150, replace=False)
             ai = rng.choice(len(adv_score[a]), 50, replace=False)
             layers = {k: np.vstack([clean_layers[k][ci], layers_of(data[a], names)[k][ai]]) for k in names}
             is_adv = np.r_[np.zeros(150, bool), np.ones(50, bool)]
-            witness = tester.scores(layers, k=50).witness
+            sc = tester.scores(layers, k=50)
             ev = np.r_[clean_score[ci], adv_score[a][ai]]
-            prec["witness"].append(is_adv[np.argsort(-witness)[:50]].mean())
+            prec["witness"].append(is_adv[np.argsort(-sc.witness)[:50]].mean())
             prec["event"].append(is_adv[np.argsort(-ev)[:50]].mean())
-            prec["combined"].append(is_adv[rank_events(ev, witness)[:50]].mean())
+            combined = rank_events(ev, sc.witness, event_reference=scorer.calibration,
+                                   witness_reference=sc.reference_witness)
+            prec["combined"].append(is_adv[combined[:50]].mean())
+            prec["borda"].append(is_adv[rank_events(ev, sc.witness)[:50]].mean())
         out["ranking"][a] = {k: float(np.mean(v)) for k, v in prec.items()}
         # the window test alone on mixed windows (default setting, combined test)
         row = {}
@@ -374,7 +377,7 @@ def print_tables(console: Any, results: dict[str, Any], attacks: tuple[str, ...]
         for key in hid["min_share"]:
             table.add_column(f"min share @flag {key}", justify="right")
         table.add_column("client test (n=" + "/".join(map(str, results["params"]["client_sizes"])) + ")")
-        table.add_column("top-50 prec. witness/event/combined")
+        table.add_column("top-50 prec. witness/event/combined/borda")
         table.add_column("window test @25%/50%")
         for a in attacks:
             cells = [f"{hid['auc'][a]:.3f}"]

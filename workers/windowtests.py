@@ -12,9 +12,9 @@ at 25% strong PGD). Three statistics look at the events themselves instead:
   window is tested alone against the reference (MMD on its own events, and the count test
   on its own flags), Bonferroni-corrected over the clients tested. An attacker who hides
   behind other clients' clean traffic is exposed as soon as its own events are enough.
-* :func:`rank_events` — "which requests": orders the events by the sum of their ranks
-  under the per-event score and the MMD witness score (Borda count; scale-free, so two
-  scores of different units combine without a tuned weight).
+* :func:`rank_events` — "which requests": orders the events by the per-event score and
+  the MMD witness score, each standardised by its clean scale (or by the sum of their
+  within-window ranks when the clean scales are not given).
 
 :func:`alert_opens` is the alert rule's "``consecutive`` positive windows in a row",
 vectorised over many simulated episodes (the benchmark's minimum detectable share).
@@ -127,21 +127,43 @@ def heavy_client_tests(
     return sorted(out, key=lambda t: t.p_adjusted)
 
 
-def rank_events(event_score: Any, witness: Any) -> np.ndarray:
-    """Indices of the window's events, most suspicious first, by the sum of their two ranks.
+def rank_events(
+    event_score: Any,
+    witness: Any,
+    *,
+    event_reference: Any = None,
+    witness_reference: Any = None,
+) -> np.ndarray:
+    """Indices of the window's events, most suspicious first, combining the two scores.
 
-    Each score is ranked within the window (average ranks for ties); the Borda sum favours
-    events that both scores put high — the per-event score sees an event unlike the
-    reference, the witness sees it where the window has more mass than the reference.
-    Ties of the sum are broken by the per-event score.
+    With the clean scales of both scores — ``event_reference`` (the per-event score of clean
+    reference events, e.g. :attr:`workers.eventscore.EventScorer.calibration`) and
+    ``witness_reference`` (the witness at the reference rows,
+    :attr:`workers.mmd.ScoresResult.reference_witness`) — each score is standardised by its
+    clean mean/sd and the events are ordered by the sum: a score that does not separate
+    this window's events from clean ones (a witness near its clean values) adds little, a
+    score far outside its clean range dominates. Without them, the Borda count: the sum of
+    the two within-window ranks (scale-free; equal weight whatever each score's quality).
+    Ties are broken by the per-event score.
     """
     from scipy.stats import rankdata
 
     a, b = np.asarray(event_score, dtype=np.float64), np.asarray(witness, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError("event_score and witness must be 1-d arrays of the same length")
-    total = rankdata(a) + rankdata(b)
+    if (event_reference is None) != (witness_reference is None):
+        raise ValueError("give both clean references or neither")
+    if event_reference is None:
+        total = rankdata(a) + rankdata(b)
+    else:
+        total = _clean_z(a, event_reference) + _clean_z(b, witness_reference)
     return np.lexsort((-a, -total))
+
+
+def _clean_z(x: np.ndarray, clean: Any) -> np.ndarray:
+    c = np.asarray(clean, dtype=np.float64)
+    sd = c.std()
+    return (x - c.mean()) / (sd if sd > 0 else 1.0)
 
 
 def alert_opens(positive: Any, consecutive: int = 2) -> np.ndarray:

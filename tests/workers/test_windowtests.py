@@ -65,6 +65,32 @@ def test_rank_events_favours_events_both_scores_put_high():
         rank_events(event, witness[:3])
 
 
+def test_rank_events_on_clean_scales_keeps_an_event_score_far_outside_its_clean_range():
+    rng = np.random.default_rng(3)
+    event = np.r_[rng.normal(size=150), rng.normal(size=50) + 10.0]  # the last 50 are adversarial
+    witness = rng.normal(size=200)  # a witness that sees nothing: clean-like values
+    order = rank_events(event, witness, event_reference=rng.normal(size=400), witness_reference=rng.normal(size=400))
+    borda = rank_events(event, witness)
+    assert (order[:50] >= 150).mean() == 1.0
+    assert (borda[:50] >= 150).mean() <= 0.9  # equal rank weights let the blind witness in
+    with pytest.raises(ValueError):
+        rank_events(event, witness, event_reference=np.zeros(3))
+
+
+def test_reference_witness_is_the_witness_function_at_the_reference_rows():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(60, 3)), rng.normal(size=(30, 3)) + 0.5
+    tester = MMDTester(x, n_permutations=10, seed=0, device="cpu", dtype="float64")
+    res = tester.scores(y, k=5)
+    s = np.array(tester.bandwidths)
+    kern = lambda a, b: np.mean([np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * w * w)) for w in s], 0)  # noqa: E731
+    xs = (x - x.mean(0)) / x.std(0, ddof=1)
+    ys = (y - x.mean(0)) / x.std(0, ddof=1)
+    k_xx, k_xy = kern(xs, xs), kern(xs, ys)
+    brute = k_xy.mean(1) - (k_xx.sum(1) - 1.0) / (len(x) - 1)
+    np.testing.assert_allclose(res.reference_witness, brute, rtol=1e-9, atol=1e-12)
+
+
 def test_heavy_client_alone_exposes_an_attacker_hidden_in_clean_traffic():
     rng = np.random.default_rng(1)
     ref = rng.normal(size=(300, 8))

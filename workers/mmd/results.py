@@ -98,7 +98,10 @@ class ScoresResult:
     the LADIS ME statistic with test location = window sample i. ``indices`` and
     ``scores`` are the top-k by ``by``, highest first. For several layers the
     top-level arrays combine the layers (sum of per-layer witness z-scores; sum of
-    ME statistics) and ``layers`` holds each layer's.
+    ME statistics) and ``layers`` holds each layer's. ``reference_witness`` is the same
+    witness function at the reference rows (mean kernel to the window minus mean kernel to
+    the other reference rows; for several layers mapped like the window's): its spread is
+    the witness's clean scale, which :func:`workers.windowtests.rank_events` uses.
     """
 
     indices: np.ndarray
@@ -108,3 +111,4 @@ class ScoresResult:
     by: str
     layers: dict[str, "ScoresResult"] = field(default_factory=dict)
     compute_ms: float = 0.0
+    reference_witness: np.ndarray | None = None

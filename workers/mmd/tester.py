@@ -699,18 +699,21 @@ class MMDTester:
             n_pair = min(n_x, n)
             ref_rows = self._me_reference_order[:n_pair]
             k = max(0, min(int(k), n))
-            per: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            per: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
             for name, win in wins.items():
                 layer = self._layers[name]
                 witness = win.kc_yy.sum(0) / (n - 1) - win.kc_xy.mean(0)
+                # the same witness function at the reference rows: its clean scale
+                ref_witness = win.kc_xy.sum(1) / n - layer.row_xx / (n_x - 1)
                 z = win.kc_xy[ref_rows] - win.kc_yy[:n_pair]
                 diag = torch.arange(n_pair, device=self.device)
                 z[diag, diag] -= 1.0 - layer.center  # k(y_i, y_i) = 1
                 z = z.double()
                 me = n_pair * z.mean(0).square() / (z.var(0, unbiased=False) + _ME_REG)
-                per[name] = (witness.double(), me)
+                per[name] = (witness.double(), me, ref_witness.double())
 
-            def ranked(witness: torch.Tensor, me: torch.Tensor, layers: dict) -> ScoresResult:
+            def ranked(witness: torch.Tensor, me: torch.Tensor, ref_witness: torch.Tensor, layers: dict
+                       ) -> ScoresResult:
                 key = witness if by == "witness" else me
                 top = torch.topk(key, k)
                 return ScoresResult(
@@ -721,14 +724,22 @@ class MMDTester:
                     by=by,
                     layers=layers,
                     compute_ms=(time.perf_counter() - t0) * 1e3,
+                    reference_witness=km.as_numpy(ref_witness),
                 )
 
-            per_layer = {name: ranked(w, me, {}) for name, (w, me) in per.items()}
+            per_layer = {name: ranked(w, me, rw, {}) for name, (w, me, rw) in per.items()}
             if not self._multi:
                 return per_layer[_SINGLE]
-            wz = sum(km.standardize_by_null(w.unsqueeze(0))[0] for w, _ in per.values())
-            me_sum = sum(me for _, me in per.values())
-            return ranked(wz, me_sum, per_layer)
+            # per layer, the window's witness z-scores (by the window's mean/sd), the same map on the reference rows
+            wz = torch.zeros(n, dtype=torch.float64, device=self.device)
+            rz = torch.zeros(n_x, dtype=torch.float64, device=self.device)
+            for w, _, rw in per.values():
+                mean, sd = w.mean(), w.std()
+                sd = sd if float(sd) > 0 else torch.ones_like(sd)
+                wz += (w - mean) / sd
+                rz += (rw - mean) / sd
+            me_sum = sum(me for _, me, _ in per.values())
+            return ranked(wz, me_sum, rz, per_layer)
 
     # ------------------------------------------------------------------ all
     def analyze(
