@@ -22,6 +22,15 @@ def results(cnn, attack_state_dir):
             for name in PRESETS}
 
 
+def test_evaluation_presets_are_reachable_by_name_but_not_required_to_fool():
+    from workers.attacks import EVAL_PRESETS
+
+    assert {"pgd_003", "pgd_010"} <= set(EVAL_PRESETS) and not set(EVAL_PRESETS) & set(PRESETS)
+    assert get_preset("pgd_003").params["eps"] == 0.03
+    with pytest.raises(KeyError, match="pgd_003"):
+        get_preset("nope")
+
+
 def test_the_presets_asked_for_exist():
     assert {"fgsm", "fgm", "pgd", "pgd_small", "pgd_large", "pgd_l2", "deepfool"} <= set(PRESETS)
     assert {"cw", "square"} & set(PRESETS)
