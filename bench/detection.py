@@ -25,14 +25,14 @@ Part 2 — attacks hidden in clean traffic (per model, per attack): the per-even
 (:class:`workers.eventscore.EventScorer`, class-conditional Mahalanobis on every tapped
 layer, fitted on the reference) flags events above its clean quantile; windows of 200
 events (two hops of 100, as the 10 s/5 s hopping windows) get the exact binomial count
-test (:func:`workers.windowtests.count_test`); an alert opens after 2 positive windows in
+test (:func:`workers.hidden_attacks.count_test`); an alert opens after 2 positive windows in
 a row. Minimum detectable share: the smallest share of adversarial events at which the
 alert opens within 3 windows in ≥ 90% of simulated episodes. False alerts per hour of
 clean traffic: the same rule on a long clean simulation, 720 windows per hour (5 s hop).
 Heavy-client test: an attacking client with n events of its own in a window, tested alone
 (MMD and count test, Bonferroni over 5 clients). Ranking: top-50 precision in windows of
 150 clean + 50 adversarial events for the witness score, the per-event score and their
-Borda combination (:func:`workers.windowtests.rank_events`). Window test alone on mixed
+Borda combination (:func:`workers.hidden_attacks.rank_events`). Window test alone on mixed
 windows (25%, 50%) for comparison.
 
     python bench/detection.py --json detection.json           # R=100, m=100, P=500
@@ -204,7 +204,7 @@ def hidden_attacks(data: dict[str, Any], names: list[str], attacks: tuple[str, .
     """Count test, heavy-client test, ranking and the window test on mixed windows."""
     from workers.eventscore import EventScorer
     from workers.mmd import MMDTester
-    from workers.windowtests import (
+    from workers.hidden_attacks import (
         alert_opens,
         count_test,
         heavy_client_tests,
@@ -318,7 +318,7 @@ def hidden_attacks(data: dict[str, Any], names: list[str], attacks: tuple[str, .
 
 def share_needed(tpr: float, fpr: float, args: argparse.Namespace, rng: np.random.Generator) -> float | None:
     """Minimum detectable share of the count test for a per-event detector with this TPR and clean FPR."""
-    from workers.windowtests import alert_opens, count_test
+    from workers.hidden_attacks import alert_opens, count_test
 
     shares = np.array(args.shares)
     n_adv = rng.binomial(args.hop, shares[:, None, None], size=(len(shares), args.episodes, 4))

@@ -1,6 +1,6 @@
 """A per-event anomaly score fitted on the clean reference: class-conditional Mahalanobis per layer.
 
-The window statistics of :mod:`workers.windowtests` need a per-event score with a known
+The window statistics of :mod:`workers.hidden_attacks` need a per-event score with a known
 clean false-positive rate. This is the simplest honest one: unsupervised (it never sees
 an attack), fitted on the same reference activations the MMD tester uses.
 

@@ -101,7 +101,7 @@ class ScoresResult:
     ME statistics) and ``layers`` holds each layer's. ``reference_witness`` is the same
     witness function at the reference rows (mean kernel to the window minus mean kernel to
     the other reference rows; for several layers mapped like the window's): its spread is
-    the witness's clean scale, which :func:`workers.windowtests.rank_events` uses.
+    the witness's clean scale, which :func:`workers.hidden_attacks.rank_events` uses.
     """
 
     indices: np.ndarray

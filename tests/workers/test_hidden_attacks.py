@@ -9,7 +9,7 @@ import pytest
 
 from workers.eventscore import EventScorer
 from workers.mmd import MMDTester
-from workers.windowtests import (
+from workers.hidden_attacks import (
     alert_opens,
     count_test,
     heavy_client_tests,
@@ -138,8 +138,8 @@ def test_docstring_examples_run():
     import doctest
 
     import workers.eventscore
-    import workers.windowtests
+    import workers.hidden_attacks
 
-    for module in (workers.eventscore, workers.windowtests):
+    for module in (workers.eventscore, workers.hidden_attacks):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
