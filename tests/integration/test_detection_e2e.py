@@ -83,7 +83,10 @@ def test_pgd_attack_is_detected_alerted_and_queryable(broker, store_url, demo_st
 
         from streams.store.queries import prepare_shipped
 
-        sql, params = prepare_shipped("drift_since", {"layer": "penultimate"})
+        # windows whose whole span lies in the traffic, as for the clean windows above: the first ones,
+        # opened before the traffic started, hold a second or two of events (the prober's burst among them)
+        sql, params = prepare_shipped("drift_since", {"layer": "penultimate",
+                                                      "since_ms": clean1["start_ms"] + WINDOW_S * 1000})
         first_crossed = _query(url, sql, **params)[0][1]
         assert attack["start_ms"] < first_crossed <= attack["start_ms"] + 3 * STEP_S * 1000 + WINDOW_S * 1000
         window_id = _query(url, "SELECT window_id FROM drift_windows FINAL WHERE model_id = 'cnn' AND layer = 'penultimate' "
