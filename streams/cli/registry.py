@@ -19,7 +19,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("%(default)" in text or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+        if ("%(default)" in text or "default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS
                 or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)".strip()
