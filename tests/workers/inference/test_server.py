@@ -87,7 +87,7 @@ def test_other_errors_are_terse_too(plain):
     status, headers, body = http(f"{plain.url}/predict", method="GET")
     assert (status, body) == (405, {"error": "method not allowed"})
     big = b"[" + b"0," * 3_000_000 + b"0]"
-    assert http(f"{plain.url}/predict", big, {"Content-Type": "application/json"})[::2] == (
+    assert http(f"{plain.url}/predict?model=cnn", big, {"Content-Type": "application/json"})[::2] == (
         413, {"error": "payload too large"})
     status, _, health = http(f"{plain.url}/health")
     assert status == 200 and health["status"] == "ok" and health["models"] == ["cnn", "resnet", "mlp"]
