@@ -11,10 +11,12 @@ log = logging.getLogger(__name__)
 
 def run_worker(settings: Settings, loglevel: str | None = None) -> int:
     """Check the broker, create the topics, open the store and run the worker until stopped."""
+    from streams.broker import require_broker
+
+    require_broker(settings.kafka_bootstrap)  # before the heavy imports: a missing broker is said at once
     from faust.worker import Worker
 
     from streams.app import create_app
-    from streams.broker import require_broker
     from streams.kafka import ensure_topics
     from streams.logs import faust_logging_config, level_from_env, quiet_third_party
 
@@ -22,7 +24,6 @@ def run_worker(settings: Settings, loglevel: str | None = None) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)  # small kernels: extra threads only wait for a busy core
-    require_broker(settings.kafka_bootstrap)
     ensure_topics(settings)
     app, runtime = create_app(settings)
     level = logging.getLevelName({"warn": "WARNING", "crit": "CRITICAL"}.get(loglevel or "", (loglevel or "").upper())

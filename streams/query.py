@@ -72,10 +72,10 @@ def open_reader(settings: Settings) -> Any:
     try:
         return open_store_from_settings(settings)
     except StoreError as exc:
-        if path is not None and "in use" in str(exc):
+        if path is not None and "lock" in str(exc).lower():
             raise StoreError(f"the store {path} is held by another process and no worker answers at "
-                             f"http://{settings.web_host}:{settings.web_port}: set LW_WEB_PORT to that worker's port, "
-                             "or stop the process that holds the store") from None
+                             f"http://{settings.web_host}:{settings.web_port}: if a worker holds it, set LW_WEB_PORT "
+                             "(and LW_WEB_HOST) to that worker's; else stop the process that holds it") from None
         raise
 
 

@@ -51,20 +51,21 @@ def _serve(sub: Any) -> None:
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from streams.broker import require_broker
-        from workers.inference.defences import parse_preprocess
-        from workers.inference.server import run_server
 
         names = models_arg(args.models)
-        try:
-            parse_preprocess(args.preprocess)
-        except ValueError as exc:
-            raise UsageError(f"layerwatch serve: --preprocess {args.preprocess}: {exc}") from None
         if args.mc_dropout == 1:
             raise UsageError("layerwatch serve: --mc-dropout 1: use 0 (off) or at least 2 passes")
         check_port_free(args.host, args.port)
         bootstrap = None if args.no_publish else settings.kafka_bootstrap
         if bootstrap:
             require_broker(bootstrap)
+        from workers.inference.defences import parse_preprocess  # torch: after the cheap checks
+        from workers.inference.server import run_server
+
+        try:
+            parse_preprocess(args.preprocess)
+        except ValueError as exc:
+            raise UsageError(f"layerwatch serve: --preprocess {args.preprocess}: {exc}") from None
         run_server(args.host, args.port, state_dir=settings.state_dir, model_names=names,
                    bootstrap=bootstrap, predictions_topic=settings.topic("predictions"),
                    actions_topic=settings.topic("actions"), rate=args.rate or None, top_k=args.top_k,
@@ -82,10 +83,10 @@ def _reference(sub: Any) -> None:
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from streams.broker import require_broker
-        from workers.inference.traffic import publish_reference
 
         names = models_arg(args.models)
         require_broker(settings.kafka_bootstrap)
+        from workers.inference.traffic import publish_reference
         counts = publish_reference(settings.kafka_bootstrap, settings.state_dir, models=names,
                                    topic=settings.topic("predictions"), progress=True, **client_config(settings))
         for model, n in counts.items():
@@ -113,12 +114,7 @@ def _simulate(sub: Any) -> None:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from streams.broker import require_broker
         from streams.client import http_json
-        from workers.inference.traffic import parse_phases, simulate
 
-        try:
-            parse_phases(args.phases)
-        except ValueError as exc:
-            raise UsageError(f"layerwatch simulate: {exc}") from None
         names = models_arg(args.models)
         if args.via == "http":
             status, _ = http_json(f"{args.url.rstrip('/')}/health", timeout=5.0)
@@ -128,6 +124,12 @@ def _simulate(sub: Any) -> None:
                                  "or pass --url")
         else:
             require_broker(settings.kafka_bootstrap)
+        from workers.inference.traffic import parse_phases, simulate  # torch (attack presets): after the cheap checks
+
+        try:
+            parse_phases(args.phases)
+        except ValueError as exc:
+            raise UsageError(f"layerwatch simulate: {exc}") from None
         target = args.url if args.via == "http" else settings.kafka_bootstrap
         report = simulate(target, args.phases, rate=args.rate, models=names, clients=args.clients,
                           probing_client=not args.no_probing, via=args.via, seed=args.seed,

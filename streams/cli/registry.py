@@ -48,7 +48,7 @@ def models_arg(value: str | None, option: str = "--models") -> list[str] | None:
     """A comma list of demo model names (None when empty); an unknown name is a UsageError."""
     names = [m.strip() for m in value.split(",") if m.strip()] if value else None
     if names:
-        from workers.inference.models import MODEL_NAMES
+        from workers.inference.names import MODEL_NAMES
 
         unknown = [m for m in names if m not in MODEL_NAMES]
         if unknown:
