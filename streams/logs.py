@@ -18,6 +18,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 NOISE = (
     # kafka-python, with Tansu (or any user config it finds conflicting): the producers work the same without it
     ("kafka.producer.kafka", "Idempotence will be disabled"),
+    # kafka-python's I/O thread timing itself on a busy machine: nothing the user can change
+    ("kafka.net.selector", "It is blocking the event loop"),
+    # Faust after the first rebalance of a fresh worker: an internal sensor's bookkeeping
+    ("faust.app.base", "Missing sensor state for rebalance"),
 )
 
 

@@ -25,6 +25,12 @@ def run_worker(settings: Settings, loglevel: str | None = None) -> int:
 
         torch.set_num_threads(settings.torch_threads)  # small kernels: extra threads only wait for a busy core
     ensure_topics(settings)
+    try:
+        (settings.state_path / "faust").mkdir(parents=True, exist_ok=True)  # Faust's datadir: it does not create it
+    except OSError as exc:
+        from streams.settings import SettingsError
+
+        raise SettingsError(f"LW_STATE_DIR={settings.state_dir}: cannot create it ({exc.strerror})") from None
     app, runtime = create_app(settings)
     level = logging.getLevelName({"warn": "WARNING", "crit": "CRITICAL"}.get(loglevel or "", (loglevel or "").upper())
                                  ) if loglevel else level_from_env(default="INFO")
