@@ -7,16 +7,16 @@ Three kinds of figure (matplotlib, Agg backend, no display needed):
 
     * **reference**: rows of ``reference_embeddings`` (the clean validation activations the
       drift agent tests against; the layers are the ones the reference was published with);
-    * **clean** and **adversarial**: the demo does *not* keep window activations in
-      ClickHouse (``predictions`` holds outputs only, ``drift_windows`` holds test results),
-      so these are **recomputed** here with the demo model of the same name
-      (``<state_dir>/models``): its activations on the clean *test* split and on the
-      adversarial versions of the same inputs (``attack`` preset, default ``pgd``; the
-      cached sets the traffic simulator sends, ``<state_dir>/attacks``). This is how the
-      LADIS post draws its picture: reference versus inference activations of one model.
+    * **calmest window** and **most drifted window**: the tested windows of that model
+      (``drift_windows``, combined row; within ``minutes`` of the newest one) with the
+      lowest and the highest detection rate. The store keeps the live *inputs* of the demo
+      server (``predictions_inputs``), not live activations, so the activations of those
+      windows' events are **recomputed** here from their stored inputs with the demo model
+      of the same name (``<state_dir>/models``).
 
     Only demo models (cnn, resnet, mlp) can be recomputed; other model ids are skipped with
-    a message, as are layers whose stored dimension differs from the model's.
+    a message, as are layers whose stored dimension differs from the model's and models
+    without tested windows or stored inputs.
 
 (b) ``detection_rate_<model>.png`` — the detection rate of every window over time from
     ``drift_windows`` (one line per layer, the combined test in black), with the alert
@@ -191,7 +191,8 @@ def _tsne_model(store: Any, out: Path, state_dir: str | os.PathLike, model: str,
     for label, window_id, start, end, rate in windows:
         x = _window_inputs(store, model, start, end, max_points)
         if len(x):
-            groups_in.append((label, f"{label} {window_id[:12]} (rate {rate:.2f}, n={len(x)})", x))
+            ends = _ms_to_dt([end])[0]
+            groups_in.append((label, f"{label}, ending {ends:%H:%M:%S} UTC (rate {rate:.2f}, n={len(x)})", x))
     if not groups_in:
         echo(f"t-SNE: skipped model {model!r}: no tested window with stored inputs (predictions_inputs) "
              "for its reference version")
