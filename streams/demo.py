@@ -159,6 +159,7 @@ def phase_figures(windows: np.ndarray, models: list[str], phases: list[dict[str,
             "name": phase["name"], "attack": phase["attack"], "target": phase.get("target"),
             "start_ms": phase["start_ms"], "end_ms": phase["end_ms"], "windows": int(inside.sum()),
             "detection_rate_mean": float(rates.mean()) if rates.size else None,
+            "detection_rate_median": float(np.median(rates)) if rates.size else None,
             "detection_rate_max": float(rates.max()) if rates.size else None,
         })
     return figures
@@ -287,13 +288,12 @@ def _print_answers(api: WorkerClient, summary: dict[str, Any]) -> None:
     console.print(format_result(["kind", "model", "client", "opened_ms", "resolved_ms"],
                                 [[a["kind"], a["model_id"], a["client_id"], a["opened_ms"], a["resolved_ms"]]
                                  for a in summary["alerts"]]))
-    table = Table(title="phases (penultimate layer)")
-    for column in ("phase", "windows", "mean detection rate", "max"):
+    table = Table(title="phases (penultimate layer; a window counts for the phase holding most of its span)")
+    for column in ("phase", "windows", "mean detection rate", "median", "max"):
         table.add_column(column)
     for p in summary["phases"]:
-        mean = "-" if p["detection_rate_mean"] is None else f"{p['detection_rate_mean']:.2f}"
-        peak = "-" if p["detection_rate_max"] is None else f"{p['detection_rate_max']:.2f}"
-        table.add_row(p["name"], str(p["windows"]), mean, peak)
+        figures = [p[f"detection_rate_{k}"] for k in ("mean", "median", "max")]
+        table.add_row(p["name"], str(p["windows"]), *("-" if v is None else f"{v:.2f}" for v in figures))
     console.print(table)
     console.print(f"throttled clients: {', '.join(summary['throttled_clients']) or 'none'}; "
                   f"events published {summary['events_published']}, stored {summary['events_stored']}")

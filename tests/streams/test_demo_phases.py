@@ -26,5 +26,6 @@ def test_a_short_attack_phase_still_has_its_windows() -> None:
     figures = phase_figures(WINDOWS, ["cnn", "mlp"], PHASES)
     assert [f["windows"] for f in figures] == [2, 2, 1]  # the mlp window of the cnn attack is not counted
     assert figures[1]["detection_rate_mean"] == 0.95 and figures[1]["detection_rate_max"] == 1.0
+    assert figures[0]["detection_rate_median"] == 0.05
     empty = phase_figures(WINDOWS[:0], ["cnn"], PHASES)
     assert [f["windows"] for f in empty] == [0, 0, 0] and empty[0]["detection_rate_mean"] is None
