@@ -64,3 +64,13 @@ def test_out_of_range_toml_value_names_the_key_and_file(tmp_path) -> None:
     path.write_text("window_size_s = 0\n")
     with pytest.raises(SettingsError, match=rf"window_size_s in {path}=0.0: must be > 0"):
         load_settings(env={}, toml_path=path)
+
+
+def test_every_numeric_setting_has_a_range() -> None:
+    from dataclasses import fields
+
+    from streams.settings import _RANGES
+
+    numeric = {f.name for f in fields(Settings) if f.type in ("int", "float", int, float)}
+    assert numeric - set(_RANGES) == set(), "add the new setting's range to streams.settings._RANGES"
+    load_settings(env={})  # the defaults are in range
