@@ -12,6 +12,7 @@ exactly-once rows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Sequence
 
@@ -110,9 +111,39 @@ def _add_lifecycle(app: faust.App, runtime: Runtime) -> None:
     async def stop_stages(sender: Any, **_: Any) -> None:
         await runtime.stop()
 
+    assigned = asyncio.Event()
+
+    async def first_assignment(sender: Any = None, assigned_tps: Any = (), **_: Any) -> None:
+        assigned.set()
+
+    @app.task
+    async def announce_ready() -> None:
+        await assigned.wait()
+        settings = runtime.settings
+        await wait_for_port(settings.web_host, settings.web_port)
+        host = "127.0.0.1" if settings.web_host in ("0.0.0.0", "") else settings.web_host
+        print(f"layerwatch worker ready: dashboard http://{host}:{settings.web_port}/ · agents "
+              f"{','.join(sorted(runtime.agents))} · store {runtime.store.url}", flush=True)
+
     assert runtime.recovery is not None
+    app.on_partitions_assigned.connect(first_assignment)
     app.on_partitions_assigned.connect(runtime.recovery.on_assigned)
     app.on_partitions_revoked.connect(runtime.recovery.on_revoked)
+
+
+async def wait_for_port(host: str, port: int, timeout_s: float = 60.0) -> bool:
+    """True once ``host:port`` accepts a TCP connection (False after ``timeout_s``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host if host not in ("0.0.0.0", "") else "127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        writer.close()
+        return True
+    return False
 
 
 def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:

@@ -127,28 +127,42 @@ def _live_view(state: DemoState) -> Group:
     return Group(windows, labels, alerts)
 
 
-def _refresh(api: WorkerClient, state: DemoState) -> None:
-    state.windows = api.rows(Q.DEMO_RECENT_WINDOWS)[::-1]
-    since = int(time.time() * 1000) - 10_000
+def _refresh(api: WorkerClient, state: DemoState, run_since: int) -> None:
+    state.windows = api.rows(Q.DEMO_RECENT_WINDOWS, since=run_since)[::-1]
+    since = max(run_since, int(time.time() * 1000) - 10_000)
     state.labels = api.rows(Q.DEMO_LABEL_MIX, since=since)
-    state.alerts = api.rows(Q.DEMO_OPEN_ALERTS)
+    state.alerts = api.rows(Q.DEMO_OPEN_ALERTS, since=run_since)
 
 
-def phase_figures(windows: np.ndarray, models: list[str], phase: dict[str, Any]) -> dict[str, Any]:
-    """Penultimate-layer windows lying inside one phase (its target model only, for a targeted attack)."""
-    if windows.size == 0:
-        inside = np.zeros(0, bool)
-    else:
-        start, end = windows["start"], windows["end"]
+def attribute_windows(windows: np.ndarray, phases: list[dict[str, Any]]) -> np.ndarray:
+    """Index of the phase holding most of each window's span (-1: the window overlaps no phase)."""
+    if windows.size == 0 or not phases:
+        return np.full(windows.size, -1, np.int64)
+    p_start = np.array([p["start_ms"] for p in phases], np.int64)
+    p_end = np.array([p["end_ms"] for p in phases], np.int64)
+    overlap = (np.minimum(windows["end"][:, None], p_end[None, :])
+               - np.maximum(windows["start"][:, None], p_start[None, :])).clip(min=0)
+    best = overlap.argmax(axis=1)
+    return np.where(overlap.max(axis=1) > 0, best, -1)
+
+
+def phase_figures(windows: np.ndarray, models: list[str], phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per phase: the penultimate-layer windows attributed to it (the phase holding most of the
+    window's span), of its target model only for a targeted attack."""
+    owner = attribute_windows(windows, phases)
+    figures = []
+    for i, phase in enumerate(phases):
         wanted = [phase["target"]] if phase.get("target") else models
-        inside = (start >= phase["start_ms"]) & (end <= phase["end_ms"]) & np.isin(windows["model"], wanted)
-    rates = windows["rate"][inside] if windows.size else np.zeros(0)
-    return {
-        "name": phase["name"], "attack": phase["attack"], "target": phase.get("target"),
-        "start_ms": phase["start_ms"], "end_ms": phase["end_ms"], "windows": int(inside.sum()),
-        "detection_rate_mean": float(rates.mean()) if rates.size else None,
-        "detection_rate_max": float(rates.max()) if rates.size else None,
-    }
+        inside = (owner == i) & np.isin(windows["model"], wanted) if windows.size else np.zeros(0, bool)
+        rates = windows["rate"][inside] if windows.size else np.zeros(0)
+        figures.append({
+            "name": phase["name"], "attack": phase["attack"], "target": phase.get("target"),
+            "start_ms": phase["start_ms"], "end_ms": phase["end_ms"], "windows": int(inside.sum()),
+            "detection_rate_mean": float(rates.mean()) if rates.size else None,
+            "detection_rate_median": float(np.median(rates)) if rates.size else None,
+            "detection_rate_max": float(rates.max()) if rates.size else None,
+        })
+    return figures
 
 
 def run_demo(settings: Settings, seconds: float | None = None, summary_path: str | None = None,
@@ -176,9 +190,10 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
         api = WorkerClient(worker_url, token)
         console.print(f"broker [bold]{bootstrap}[/]  worker [bold]{worker_url}[/]  model server [bold]{server_url}[/]")
         console.print(f"dashboard: [bold underline]{worker_url}/{'#token=' + token if token else ''}[/]")
+        run_since = int(time.time() * 1000)  # everything this run writes is newer: its answers cover it only
         counts = publish_reference(bootstrap, state_dir, topic=settings.topic("predictions"), progress=True)
         expected = sum(counts.values())
-        wait_for(lambda: api.rows(Q.DEMO_REFERENCE_ROWS)[0][0] >= expected, 60,
+        wait_for(lambda: api.rows(Q.DEMO_REFERENCE_ROWS, since=run_since)[0][0] >= expected, 60,
                  "the reference in ClickHouse")
         models = sorted(counts)
 
@@ -199,7 +214,7 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
             while sender.is_alive():
                 sender.join(timeout=1.0)
                 try:
-                    _refresh(api, view)
+                    _refresh(api, view, run_since)
                 except StackError:
                     pass
                 live.update(_live_view(view))
@@ -207,11 +222,11 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
                 raise StackError(f"traffic simulation failed: {result['error']}")
             report = result["report"]
             last_end = max(p["end_ms"] for p in report.phases)
-            wait_for(lambda: (api.rows(Q.DEMO_LAST_WINDOW_END)[0][0] or 0) >= last_end,
+            wait_for(lambda: (api.rows(Q.DEMO_LAST_WINDOW_END, since=run_since)[0][0] or 0) >= last_end,
                      timeout=30, message="the last windows")
-            _refresh(api, view)
+            _refresh(api, view, run_since)
             live.update(_live_view(view))
-        summary = _summary(api, report, models, counts, worker_url, server_url)
+        summary = _summary(api, report, models, counts, worker_url, server_url, run_since)
         summary["seconds"] = round(time.monotonic() - started, 1)
         _print_answers(api, summary)
         if summary_path:
@@ -229,16 +244,19 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
 
 
 def _summary(api: WorkerClient, report: Any, models: list[str], counts: dict[str, int], url: str,
-             server_url: str) -> dict[str, Any]:
-    rows = api.rows(Q.DEMO_WINDOWS)
+             server_url: str, run_since: int) -> dict[str, Any]:
+    """The run's figures: only windows, alerts and events from ``run_since`` to the end of its traffic."""
+    until = max(p["end_ms"] for p in report.phases) + int(WINDOW_S * 1000)
+    rows = api.rows(Q.DEMO_WINDOWS, since=run_since, until=until, models=models)
     windows = np.array([tuple(r) for r in rows], dtype=[("model", "U64"), ("start", "i8"), ("end", "i8"), ("rate", "f8")])
-    alerts = api.rows(Q.DEMO_ALERTS)
-    stored = api.rows(Q.DEMO_EVENTS_SINCE, since=min(p["start_ms"] for p in report.phases))[0][0]
+    alerts = api.rows(Q.DEMO_ALERTS, since=run_since)
+    stored = api.rows(Q.DEMO_EVENTS_SINCE, since=min(p["start_ms"] for p in report.phases), until=until,
+                      models=models)[0][0]
     _, server_health = http_json(f"{server_url}/health", timeout=5)
     restricted = sorted(server_health.get("restricted_clients", {}))
     probing = sorted({a[2] for a in alerts if a[0] == "probing"})
     return {
-        "phases": [phase_figures(windows, models, p) for p in report.phases],
+        "phases": phase_figures(windows, models, report.phases),
         "alerts": [{"kind": k, "model_id": m, "client_id": c, "opened_ms": o, "resolved_ms": r or None,
                     "window_id": w or None} for k, m, c, o, r, w in alerts],
         "throttled_clients": sorted(set(restricted) | set(probing)),
@@ -270,13 +288,12 @@ def _print_answers(api: WorkerClient, summary: dict[str, Any]) -> None:
     console.print(format_result(["kind", "model", "client", "opened_ms", "resolved_ms"],
                                 [[a["kind"], a["model_id"], a["client_id"], a["opened_ms"], a["resolved_ms"]]
                                  for a in summary["alerts"]]))
-    table = Table(title="phases (penultimate layer)")
-    for column in ("phase", "windows", "mean detection rate", "max"):
+    table = Table(title="phases (penultimate layer; a window counts for the phase holding most of its span)")
+    for column in ("phase", "windows", "mean detection rate", "median", "max"):
         table.add_column(column)
     for p in summary["phases"]:
-        mean = "-" if p["detection_rate_mean"] is None else f"{p['detection_rate_mean']:.2f}"
-        peak = "-" if p["detection_rate_max"] is None else f"{p['detection_rate_max']:.2f}"
-        table.add_row(p["name"], str(p["windows"]), mean, peak)
+        figures = [p[f"detection_rate_{k}"] for k in ("mean", "median", "max")]
+        table.add_row(p["name"], str(p["windows"]), *("-" if v is None else f"{v:.2f}" for v in figures))
     console.print(table)
     console.print(f"throttled clients: {', '.join(summary['throttled_clients']) or 'none'}; "
                   f"events published {summary['events_published']}, stored {summary['events_stored']}")

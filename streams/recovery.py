@@ -251,7 +251,7 @@ class Recovery:
         self.history.append(stats)
         if stats.error:
             log.warning("window recovery failed (%s); windows start from what was rebuilt", stats.error)
-        log.warning(
+        log.info(
             "window recovery: %d partition(s), %d records, %d events in %.2f s; %d window(s) open, %d re-tested, "
             "%d already tested; %d alert(s) restored", stats.partitions, stats.records, stats.events, stats.seconds,
             stats.windows_open, stats.windows_retested, stats.windows_dropped, stats.alerts_restored)

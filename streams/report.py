@@ -7,16 +7,16 @@ Three kinds of figure (matplotlib, Agg backend, no display needed):
 
     * **reference**: rows of ``reference_embeddings`` (the clean validation activations the
       drift agent tests against; the layers are the ones the reference was published with);
-    * **clean** and **adversarial**: the demo does *not* keep window activations in
-      ClickHouse (``predictions`` holds outputs only, ``drift_windows`` holds test results),
-      so these are **recomputed** here with the demo model of the same name
-      (``<state_dir>/models``): its activations on the clean *test* split and on the
-      adversarial versions of the same inputs (``attack`` preset, default ``pgd``; the
-      cached sets the traffic simulator sends, ``<state_dir>/attacks``). This is how the
-      LADIS post draws its picture: reference versus inference activations of one model.
+    * **calmest window** and **most drifted window**: the tested windows of that model
+      (``drift_windows``, combined row; within ``minutes`` of the newest one) with the
+      lowest and the highest detection rate. The store keeps the live *inputs* of the demo
+      server (``predictions_inputs``), not live activations, so the activations of those
+      windows' events are **recomputed** here from their stored inputs with the demo model
+      of the same name (``<state_dir>/models``).
 
     Only demo models (cnn, resnet, mlp) can be recomputed; other model ids are skipped with
-    a message, as are layers whose stored dimension differs from the model's.
+    a message, as are layers whose stored dimension differs from the model's and models
+    without tested windows or stored inputs.
 
 (b) ``detection_rate_<model>.png`` — the detection rate of every window over time from
     ``drift_windows`` (one line per layer, the combined test in black), with the alert
@@ -50,7 +50,7 @@ from schemas.batch import COMBINED
 __all__ = ["COMBINED", "run_report_cli", "write_report"]
 
 _CLEAN_LABELS = ("", "clean")
-_COLORS = {"reference": "#4c72b0", "clean": "#55a868", "adversarial": "#c44e52"}
+_COLORS = {"reference": "#4c72b0", "calmest window": "#55a868", "most drifted window": "#c44e52"}
 
 Echo = Callable[[str], None]
 
@@ -125,7 +125,7 @@ def _tsne(points: np.ndarray, seed: int) -> np.ndarray:
                     learning_rate="auto").fit_transform(points.astype(np.float64))
 
 
-def _tsne_figures(store: Any, out: Path, state_dir: str | os.PathLike, model: str | None, attack: str,
+def _tsne_figures(store: Any, out: Path, state_dir: str | os.PathLike, model: str | None, minutes: float | None,
                   max_points: int, seed: int, echo: Echo) -> list[Path]:
     from workers.inference.models import MODEL_NAMES
 
@@ -139,14 +139,45 @@ def _tsne_figures(store: Any, out: Path, state_dir: str | os.PathLike, model: st
         if name not in MODEL_NAMES:
             echo(f"t-SNE: skipped model {name!r}: not a demo model, its activations cannot be recomputed here")
             continue
-        written += _tsne_model(store, out, state_dir, name, attack, max_points, seed, echo)
+        written += _tsne_model(store, out, state_dir, name, minutes, max_points, seed, echo)
     return written
 
 
-def _tsne_model(store: Any, out: Path, state_dir: str | os.PathLike, model: str, attack: str,
+def _live_windows(store: Any, model: str, version: str, minutes: float | None) -> list[tuple[str, str, int, int, float]]:
+    """The calmest and the most drifted tested window of ``model`` (label, window id, start, end, rate).
+
+    Read from ``drift_windows`` (the combined row when there is one); ``minutes`` counts back from
+    the newest window, as for the detection-rate figure. One entry when both are the same window.
+    """
+    rows = store.query(
+        "SELECT window_id, any(window_start_ms), any(window_end_ms), "
+        "if(countIf(layer = {c}) > 0, maxIf(detection_rate, layer = {c}), max(detection_rate)) "
+        "FROM drift_windows FINAL WHERE model_id = {m} AND model_version = {v} GROUP BY window_id",
+        {"m": model, "v": version, "c": COMBINED}, readonly=True)
+    if not rows:
+        return []
+    if minutes is not None:
+        newest = max(int(r[2]) for r in rows)
+        rows = [r for r in rows if int(r[2]) >= newest - int(float(minutes) * 60_000)]
+    calm = min(rows, key=lambda r: (float(r[3]), -int(r[2])))
+    hot = max(rows, key=lambda r: (float(r[3]), int(r[2])))
+    picked = [("calmest window", calm)] + ([("most drifted window", hot)] if hot[0] != calm[0] else [])
+    return [(label, str(r[0]), int(r[1]), int(r[2]), float(r[3])) for label, r in picked]
+
+
+def _window_inputs(store: Any, model: str, start_ms: int, end_ms: int, limit: int) -> np.ndarray:
+    """Up to ``limit`` live inputs of ``model`` in [start_ms, end_ms) from ``predictions_inputs``."""
+    rows = store.query(
+        "SELECT event_id, any(input) FROM predictions_inputs WHERE model_id = {m} AND ts_ms >= {s} AND ts_ms < {e} "
+        "GROUP BY event_id ORDER BY cityHash64(event_id) LIMIT {n}",
+        {"m": model, "s": int(start_ms), "e": int(end_ms), "n": int(limit)}, readonly=True)
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    return np.asarray([r[1] for r in rows], dtype=np.float32)
+
+
+def _tsne_model(store: Any, out: Path, state_dir: str | os.PathLike, model: str, minutes: float | None,
                 max_points: int, seed: int, echo: Echo) -> list[Path]:
-    from workers.attacks import generate
-    from workers.inference.data import demo_split
     from workers.inference.models import load_demo_models
     from workers.inference.tap import PENULTIMATE, LayerTap
 
@@ -154,6 +185,17 @@ def _tsne_model(store: Any, out: Path, state_dir: str | os.PathLike, model: str,
     version = _reference_version(store, model, str(demo.version))
     if version is None:
         echo(f"t-SNE: skipped model {model!r}: no reference rows")
+        return []
+    windows = _live_windows(store, model, version, minutes)
+    groups_in: list[tuple[str, str, np.ndarray]] = []
+    for label, window_id, start, end, rate in windows:
+        x = _window_inputs(store, model, start, end, max_points)
+        if len(x):
+            ends = _ms_to_dt([end])[0]
+            groups_in.append((label, f"{label}, ending {ends:%H:%M:%S} UTC (rate {rate:.2f}, n={len(x)})", x))
+    if not groups_in:
+        echo(f"t-SNE: skipped model {model!r}: no tested window with stored inputs (predictions_inputs) "
+             "for its reference version")
         return []
     layers = [str(r[0]) for r in store.query(
         "SELECT DISTINCT layer FROM reference_embeddings WHERE model_id = {m} AND model_version = {v} ORDER BY layer",
@@ -165,48 +207,39 @@ def _tsne_model(store: Any, out: Path, state_dir: str | os.PathLike, model: str,
             echo(f"t-SNE: skipped {model}/{layer}: the demo model has no such layer")
     if not usable:
         return []
-    # Window activations, recomputed: the store keeps no window activations (see module docstring).
-    split = demo_split(seed)
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(split.y_test), size=min(max_points, len(split.y_test)), replace=False))
-    adv = generate(demo.module, split.x_test, split.y_test, attack, seed=seed, state_dir=state_dir, model_name=model)
+    # The store keeps live inputs, not live activations: the demo model recomputes them from those inputs.
+    shape = tuple(getattr(demo, "input_shape", (1, 8, 8)))
     tap = LayerTap(demo.module, [n for n in usable if n != PENULTIMATE], penultimate=PENULTIMATE in usable)
     try:
-        clean_acts = tap.tap(split.x_test[pick]).layers
-        adv_acts = tap.tap(adv.x_adv[pick]).layers
+        live = [(label, text, tap.tap(x.reshape(-1, *shape)).layers) for label, text, x in groups_in]
     finally:
         tap.remove()
     order = [n for n in demo.layer_names() if n in usable] + [n for n in usable if n not in demo.layer_names()]
     written = []
     for layer in order:
         ref = _reference_layer(store, model, version, layer, max_points)
-        clean, adversarial = clean_acts[layer], adv_acts[layer]
         if len(ref) < 2:
             echo(f"t-SNE: skipped {model}/{layer}: fewer than 2 reference rows")
             continue
-        if ref.shape[1] != clean.shape[1]:
+        if ref.shape[1] != live[0][2][layer].shape[1]:
             echo(f"t-SNE: skipped {model}/{layer}: stored vectors have {ref.shape[1]} dims, "
-                 f"the demo model's layer has {clean.shape[1]}")
+                 f"the demo model's layer has {live[0][2][layer].shape[1]}")
             continue
-        groups = [("reference", ref), ("clean", clean), ("adversarial", adversarial)]
-        emb = _tsne(np.vstack([g for _, g in groups]), seed)
+        groups = [("reference", f"reference (store, n={len(ref)})", ref)] + [
+            (label, text, acts[layer]) for label, text, acts in live]
+        emb = _tsne(np.vstack([g for _, _, g in groups]), seed)
         fig = _figure(6.4, 5.6)
         ax = fig.add_subplot(1, 1, 1)
         at = 0
-        for label, g in groups:
+        for label, text, g in groups:
             part = emb[at: at + len(g)]
             at += len(g)
-            text = {
-                "reference": f"reference (store, n={len(g)})",
-                "clean": f"clean test (recomputed, n={len(g)})",
-                "adversarial": f"adversarial {attack} (recomputed, n={len(g)})",
-            }[label]
             ax.scatter(part[:, 0], part[:, 1], s=9, alpha=0.6, color=_COLORS[label], label=text, linewidths=0)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{model} v{version} · {layer}: t-SNE of activations\n"
-                     f"(perplexity {min(30.0, max(2.0, (len(emb) - 1) / 3.0)):.0f}, random_state {seed}; "
-                     f"attack success {adv.success_rate * 100:.0f}%)", fontsize=10)
+        ax.set_title(f"{model} v{version} · {layer}: t-SNE of reference vs live window activations\n"
+                     f"(live inputs from the store, activations recomputed by the demo model; "
+                     f"perplexity {min(30.0, max(2.0, (len(emb) - 1) / 3.0)):.0f}, random_state {seed})", fontsize=9)
         ax.legend(loc="best", fontsize=8, markerscale=1.8, framealpha=0.85)
         if version != str(demo.version):
             fig.text(0.01, 0.01, f"note: reference version {version} ≠ demo model version {demo.version}",
@@ -485,7 +518,6 @@ def write_report(
     model: str | None = None,
     minutes: float | None = None,
     *,
-    attack: str = "pgd",
     threshold: float = 0.5,
     max_points: int = 300,
     seed: int = 0,
@@ -497,8 +529,7 @@ def write_report(
 
     ``store`` is an open :class:`streams.store.Store` (not closed here). ``model`` limits
     every figure to one model id; ``minutes`` the detection-rate figure to the last N
-    minutes before the newest window. ``attack``: the preset of the adversarial group of
-    the t-SNE maps; ``max_points``: points per group; ``threshold``: the alert line;
+    minutes before the newest window. ``max_points``: points per group; ``threshold``: the alert line;
     ``classifier``: ``"auto"`` (evaluate, then JSON), ``"json"`` (``confusion_json`` or
     ``<state_dir>/classifier/*.json`` only) or ``"off"``. Skipped figures are reported
     through ``echo`` (default: ignored).
@@ -510,7 +541,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for part, run in (
-        ("t-SNE", lambda: _tsne_figures(store, out, state_dir, model, attack, max_points, seed, say)),
+        ("t-SNE", lambda: _tsne_figures(store, out, state_dir, model, minutes, max_points, seed, say)),
         ("detection rate", lambda: _detection_figures(store, out, model, minutes, threshold, say)),
         ("confusion matrix", lambda: _confusion_figure(out, state_dir, classifier, confusion_json, say)),
     ):
@@ -519,6 +550,14 @@ def write_report(
         except Exception as exc:  # noqa: BLE001 - one broken figure must not cost the others
             say(f"{part}: failed ({type(exc).__name__}: {exc})")
     return written
+
+
+def report_models(store: Any) -> list[str]:
+    """Model ids the store has predictions, references or windows of."""
+    rows = store.query("SELECT DISTINCT model_id FROM (SELECT model_id FROM predictions UNION ALL "
+                       "SELECT model_id FROM reference_embeddings UNION ALL SELECT model_id FROM drift_windows) "
+                       "ORDER BY model_id", readonly=True)
+    return [str(r[0]) for r in rows]
 
 
 def run_report_cli(
@@ -534,27 +573,33 @@ def run_report_cli(
 
     The first argument is a store URL (``chdb://…``, ``clickhouse://…``), a settings object
     (:class:`streams.settings.Settings`: its ``clickhouse_*`` fields, ``state_dir`` and
-    ``alert_detection_rate``) or an already open store (left open). A chDB path can be
-    open in one process only: stop the worker first, or point ``LW_CLICKHOUSE_URL`` at a
-    ClickHouse server.
+    ``alert_detection_rate``) or an already open store (left open). With settings, the
+    report reads through the worker's API when a worker holds the chDB path
+    (:func:`streams.query.open_reader`).
     """
     from rich.console import Console
 
-    from streams.store import Store, open_store, open_store_from_settings
+    from streams.store import open_store
 
     console = Console()
     source = settings_like_store_url
-    if isinstance(source, Store):
-        store, owned = source, False
-    elif isinstance(source, str):
+    if isinstance(source, str):
         store, owned = open_store(source), True
+    elif hasattr(source, "clickhouse_url"):
+        from streams.query import open_reader
+
+        store, owned = open_reader(source), True
     else:
-        store, owned = open_store_from_settings(source), True
+        store, owned = source, False
     if state_dir is None:
         state_dir = getattr(source, "state_dir", None) or "./.layerwatch"
     if "threshold" not in options and hasattr(source, "alert_detection_rate"):
         options["threshold"] = float(source.alert_detection_rate)
     try:
+        known = report_models(store) if model is not None else []
+        if model is not None and model not in known:
+            raise ValueError(f"--model {model}: no such model in the store ("
+                             + (f"models: {', '.join(known)}" if known else "the store has no predictions yet") + ")")
         paths = write_report(store, out_dir, state_dir, model=model, minutes=minutes,
                              echo=lambda msg: console.print(f"[yellow]{msg}[/]"), **options)
     finally:
@@ -562,6 +607,4 @@ def run_report_cli(
             store.close()
     for p in paths:
         console.print(f"wrote {p}")
-    if not paths:
-        console.print("no figures written")
     return paths

@@ -188,4 +188,87 @@ def load_settings(env: Mapping[str, str] | None = None, toml_path: str | os.Path
     if unknown:
         raise SettingsError(f"unknown setting(s) in {path}: {', '.join(unknown)}")
     parsed = {k: _convert(k, v, kinds[types[k]]) for k, v in values.items()}
-    return Settings(**parsed)
+    settings = Settings(**parsed)
+    check_ranges(settings, source={k: (f"LW_{k.upper()}" if f"LW_{k.upper()}" in env else f"{k} in {path}")
+                                   for k in values})
+    return settings
+
+
+# (low, high, low inclusive, high inclusive); None: unbounded on that side.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "topic_partitions": (1, None, True, True),
+    "web_port": (1, 65535, True, True),
+    "sink_batch_records": (1, None, True, True),
+    "sink_within_s": (0, None, False, True),
+    "rebalance_timeout_s": (0, None, False, True),
+    "lag_interval_s": (0, None, False, True),
+    "max_event_skew_s": (0, None, True, True),
+    "max_window_bytes": (1, None, True, True),
+    "test_batch_windows": (1, None, True, True),
+    "alertmanager_resend_s": (0, None, False, True),
+    "alertmanager_attempts": (1, None, True, True),
+    "alertmanager_timeout_s": (0, None, False, True),
+    "torch_threads": (0, None, True, True),
+    "max_record_bytes": (1, None, True, True),
+    "max_batch_rows": (1, None, True, True),
+    "max_dim": (1, None, True, True),
+    "window_size_s": (0, None, False, True),
+    "window_step_s": (0, None, False, True),
+    "window_max_samples": (2, None, True, True),
+    "window_min_samples": (2, None, True, True),
+    "window_count_trigger": (0, None, True, True),
+    "reference_max": (2, None, True, True),
+    "mmd_permutations": (1, None, True, True),
+    "detection_repeats": (1, None, True, True),
+    "detection_m": (2, None, True, True),
+    "alpha": (0, 1, False, False),
+    "top_k": (0, None, True, True),
+    "alert_detection_rate": (0, 1, True, True),
+    "alert_consecutive": (1, None, True, True),
+    "alert_clear_windows": (1, None, True, True),
+    "alert_adversarial_share": (0, 1, True, True),
+    "webhook_attempts": (1, None, True, True),
+    "webhook_timeout_s": (0, None, False, True),
+    "probing_similarity": (0, 1, True, True),
+    "probing_min_queries": (1, None, True, True),
+    "probing_window_s": (0, None, False, True),
+    "probing_throttle_s": (0, None, True, True),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "kafka_security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "webhook_format": ("json", "slack"),
+}
+
+
+def _range_text(low: float | None, high: float | None, low_in: bool, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check_ranges(settings: Settings, source: Mapping[str, str] | None = None) -> None:
+    """Raise SettingsError naming the variable when a value is out of its range (e.g. LW_WINDOW_SIZE_S <= 0)."""
+    source = source or {}
+
+    def name(key: str) -> str:
+        return source.get(key, f"LW_{key.upper()}")
+
+    for key, (low, high, low_in, high_in) in _RANGES.items():
+        value = getattr(settings, key)
+        ok = ((low is None or (value >= low if low_in else value > low))
+              and (high is None or (value <= high if high_in else value < high)))
+        if not ok:
+            raise SettingsError(f"{name(key)}={value!r}: must be {_range_text(low, high, low_in, high_in)}")
+    for key, allowed in _CHOICES.items():
+        if getattr(settings, key) not in allowed:
+            raise SettingsError(f"{name(key)}={getattr(settings, key)!r}: must be one of {', '.join(allowed)}")
+    if settings.window_step_s > settings.window_size_s:
+        raise SettingsError(f"{name('window_step_s')}={settings.window_step_s!r}: must be <= "
+                            f"{name('window_size_s')}={settings.window_size_s!r} (windows would leave gaps)")
+    if settings.window_min_samples > settings.window_max_samples:
+        raise SettingsError(f"{name('window_min_samples')}={settings.window_min_samples!r}: must be <= "
+                            f"{name('window_max_samples')}={settings.window_max_samples!r}")
+    scheme = settings.clickhouse_url.split("://", 1)[0].lower() if "://" in settings.clickhouse_url else ""
+    if scheme not in ("chdb", "clickhouse", "clickhouses"):
+        raise SettingsError(f"{name('clickhouse_url')}: must start with chdb://, clickhouse:// or clickhouses://")

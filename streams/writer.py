@@ -81,7 +81,7 @@ class StoreWriter:
                 self.metrics.rows.labels(table).inc(n_rows)
                 self.metrics.store_up.set(1)
                 if self.degraded_reason:
-                    log.warning("store is back; writes resumed")
+                    log.info("store is back; writes resumed")
                 self.degraded_reason = ""
                 return
             await asyncio.sleep(backoff)  # retry backoff, not synchronisation

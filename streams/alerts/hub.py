@@ -59,7 +59,8 @@ class AlertHub:
             gauge = self.metrics.open_alerts.labels(event.model_id, event.kind)
             gauge.inc() if event.state == "open" else gauge.dec()
             self.metrics.alerts.labels(event.model_id, event.kind, event.state).inc()
-            log.warning("alert %s: %s", event.state, event.message)
+            log.log(logging.WARNING if event.state == "open" else logging.INFO, "alert %s: %s", event.state,
+                    event.message)
             for sink in self.sinks:
                 await sink.send(event)
 

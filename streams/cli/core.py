@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from streams.cli.registry import UsageError, command
+from streams.cli.registry import UsageError, command, port, positive
 from streams.settings import Settings
 
 
@@ -44,17 +44,33 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, loglevel=args.loglevel)
 
 
+def parse_params(pairs: list[str] | None) -> dict[str, str]:
+    """``-p NAME=VALUE`` pairs as a dict; a pair without ``=`` is a UsageError."""
+    params = {}
+    for pair in pairs or []:
+        name, eq, value = pair.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"layerwatch query: parameter {pair!r} is not NAME=VALUE (e.g. -p layer=penultimate)")
+        params[name.strip()] = value
+    return params
+
+
 def _cmd_query(args: argparse.Namespace, settings: Settings) -> int:
+    import re
+
     from streams.query import format_result, run_query
 
-    params = dict(p.split("=", 1) for p in args.param or [])
+    params = parse_params(args.param)
+    if re.search(r"(?is)\bFORMAT\s+\w+\s*;?\s*$", args.sql):
+        raise UsageError("layerwatch query: the query ends in a FORMAT clause; drop it and pick the output "
+                         "with --format table|json|csv")
     names, rows = run_query(settings, args.sql, params)
     print(format_result(names, rows, args.format))
     return 0
 
 
 def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
-    print(json.dumps(settings.safe_dict(), indent=2))
+    print(json.dumps(settings.safe_dict(), indent=2))  # effective values: derived defaults filled in, secrets masked
     return 0
 
 
@@ -74,11 +90,11 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 @command
 def _register_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on this machine and show what it detects")
-    p.add_argument("--seconds", type=float, default=None, help="bound the run (default: the full scenario)")
+    p.add_argument("--seconds", type=positive(float), default=None, help="bound the run (default: the full scenario)")
     p.add_argument("--summary", help="write the figures as JSON to this path")
     p.add_argument("--phases", default="clean:16,pgd@cnn:12,clean:16,fgsm@resnet:12",
                    help="traffic phases, name:seconds (attack@model targets one model)")
-    p.add_argument("--rate", type=float, default=150.0, help="events per second over all models")
+    p.add_argument("--rate", type=positive(float), default=150.0, help="events per second over all models")
     p.add_argument("--keep", action="store_true", help="keep everything running after the scenario (Ctrl-C stops)")
     p.set_defaults(func=_cmd_demo)
 
@@ -94,8 +110,10 @@ def _register_broker(sub: Any) -> None:
 def _register_worker(sub: Any) -> None:
     p = sub.add_parser("worker", help="run the Faust worker (sink, drift, classify, probing, alerts)")
     p.add_argument("--agents", help="a role (all, ingest, test) or a comma list of agents (default: all)")
-    p.add_argument("--web-port", type=int, help="HTTP port for /health, /metrics, the API and dashboard")
-    p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    p.add_argument("--web-port", type=port, help="HTTP port for /health, /metrics, the API and dashboard "
+                   "(default: LW_WEB_PORT, 6066)")
+    p.add_argument("--loglevel", default=None, choices=["crit", "error", "warn", "info", "debug"],
+                   help="log level (default: LW_LOG_LEVEL, else info)")
     p.set_defaults(func=_cmd_worker)
 
 

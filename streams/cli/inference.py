@@ -9,7 +9,7 @@ import argparse
 import json
 from typing import Any
 
-from streams.cli.registry import UsageError, command, models_arg
+from streams.cli.registry import UsageError, command, models_arg, port, positive
 from streams.kafka import kafka_python_config
 from streams.settings import Settings
 
@@ -21,27 +21,52 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def check_port_free(host: str, port_number: int) -> None:
+    """UsageError when ``host:port`` cannot be bound (in use, or not an address of this machine)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port_number))
+    except OSError as exc:
+        raise UsageError(f"layerwatch serve: cannot listen on {host}:{port_number} ({exc.strerror or exc}): "
+                         "pick another --port or stop what is using it") from None
+
+
 @command
 def _serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the demo model server (HTTP POST /predict), publishing every prediction")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--models", help="comma list of demo models (default: all)")
-    p.add_argument("--rate", type=float, default=200.0, help="per-client predictions/s (0: no limit)")
-    p.add_argument("--top-k", type=int, default=1, help="labels returned per input (default: top-1 only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=port, default=8080, help="port to listen on")
+    p.add_argument("--models", help="comma list of demo models: cnn, resnet, mlp (default: all)")
+    p.add_argument("--rate", type=positive(float, allow_zero=True), default=200.0,
+                   help="per-client predictions/s (0: no limit)")
+    p.add_argument("--top-k", type=positive(int), default=1, help="labels returned per input (default: top-1 only)")
     p.add_argument("--scores", action="store_true", help="also return probabilities (reveals more to attackers)")
-    p.add_argument("--preprocess", default=None, help="e.g. bitdepth:4,median:3")
-    p.add_argument("--mc-dropout", type=int, default=0, help="T stochastic passes for uncertainty (0: off)")
+    p.add_argument("--preprocess", default=None, help="defences before the model, e.g. bitdepth:4,median:3")
+    p.add_argument("--mc-dropout", type=positive(int, allow_zero=True), default=0,
+                   help="T >= 2 stochastic passes for uncertainty (0: off)")
     p.add_argument("--no-publish", action="store_true", help="serve without Kafka")
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from streams.broker import require_broker
-        from workers.inference.server import run_server
 
+        names = models_arg(args.models)
+        if args.mc_dropout == 1:
+            raise UsageError("layerwatch serve: --mc-dropout 1: use 0 (off) or at least 2 passes")
+        check_port_free(args.host, args.port)
         bootstrap = None if args.no_publish else settings.kafka_bootstrap
         if bootstrap:
             require_broker(bootstrap)
-        run_server(args.host, args.port, state_dir=settings.state_dir, model_names=models_arg(args.models),
+        from workers.inference.defences import parse_preprocess  # torch: after the cheap checks
+        from workers.inference.server import run_server
+
+        try:
+            parse_preprocess(args.preprocess)
+        except ValueError as exc:
+            raise UsageError(f"layerwatch serve: --preprocess {args.preprocess}: {exc}") from None
+        run_server(args.host, args.port, state_dir=settings.state_dir, model_names=names,
                    bootstrap=bootstrap, predictions_topic=settings.topic("predictions"),
                    actions_topic=settings.topic("actions"), rate=args.rate or None, top_k=args.top_k,
                    return_scores=args.scores, preprocess=args.preprocess, mc_dropout=args.mc_dropout,
@@ -58,10 +83,11 @@ def _reference(sub: Any) -> None:
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from streams.broker import require_broker
-        from workers.inference.traffic import publish_reference
 
+        names = models_arg(args.models)
         require_broker(settings.kafka_bootstrap)
-        counts = publish_reference(settings.kafka_bootstrap, settings.state_dir, models=models_arg(args.models),
+        from workers.inference.traffic import publish_reference
+        counts = publish_reference(settings.kafka_bootstrap, settings.state_dir, models=names,
                                    topic=settings.topic("predictions"), progress=True, **client_config(settings))
         for model, n in counts.items():
             print(f"{model}: {n} reference events published")
@@ -75,25 +101,37 @@ def _simulate(sub: Any) -> None:
     p = sub.add_parser("simulate", help="send phased clean/adversarial traffic to the model server")
     p.add_argument("--phases", default="clean:60,pgd:30,clean:30,fgsm:30",
                    help="comma list of name:seconds, name = clean or an attack preset (pgd@cnn:30 attacks one model)")
-    p.add_argument("--rate", type=float, default=50.0, help="events per second")
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="model server URL")
+    p.add_argument("--rate", type=positive(float), default=50.0, help="events per second")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="model server URL (`layerwatch serve`)")
     p.add_argument("--models", help="comma list of demo models (default: all served)")
-    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--clients", type=positive(int), default=4, help="clean clients")
     p.add_argument("--no-probing", action="store_true", help="no probing client")
     p.add_argument("--via", choices=["http", "publisher"], default="http",
                    help="through the server, or publish directly to Kafka")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--json", help="write the simulation report here")
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
-        from workers.inference.traffic import parse_phases, simulate
+        from streams.broker import require_broker
+        from streams.client import http_json
+
+        names = models_arg(args.models)
+        if args.via == "http":
+            status, _ = http_json(f"{args.url.rstrip('/')}/health", timeout=5.0)
+            if status != 200:
+                raise UsageError(f"layerwatch simulate: no model server answers at {args.url} "
+                                 f"({'no connection' if status == 0 else f'HTTP {status}'}): start `layerwatch serve` "
+                                 "or pass --url")
+        else:
+            require_broker(settings.kafka_bootstrap)
+        from workers.inference.traffic import parse_phases, simulate  # torch (attack presets): after the cheap checks
 
         try:
             parse_phases(args.phases)
         except ValueError as exc:
             raise UsageError(f"layerwatch simulate: {exc}") from None
         target = args.url if args.via == "http" else settings.kafka_bootstrap
-        report = simulate(target, args.phases, rate=args.rate, models=models_arg(args.models), clients=args.clients,
+        report = simulate(target, args.phases, rate=args.rate, models=names, clients=args.clients,
                           probing_client=not args.no_probing, via=args.via, seed=args.seed,
                           state_dir=settings.state_dir, topic=settings.topic("predictions"),
                           client_config=client_config(settings))
@@ -104,6 +142,9 @@ def _simulate(sub: Any) -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report.as_dict(), f, indent=2, default=str)
+        if report.sent and report.accepted == 0:
+            raise UsageError(f"layerwatch simulate: no event was accepted ({report.errors} connection errors, "
+                             f"rejected by status: {dict(report.rejected)}); check the server at {target}")
         return 0
 
     p.set_defaults(func=run)

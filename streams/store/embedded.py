@@ -23,10 +23,14 @@ Facts that shape it (chDB 4.4 / chdb-core 26.9):
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
+import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -40,6 +44,28 @@ _SESSION_SETTINGS = (
     "SET async_insert = 0",
     "SET session_timezone = 'UTC'",
 )
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], str]]:
+    """Capture what native code writes on fd 2 inside the block (chDB's engine logs there, not to Python).
+
+    Yields a function returning the captured text; nothing reaches the terminal, so a
+    failed open is reported once, in the StoreError's message.
+    """
+    text = {"value": ""}
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: text["value"]
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text["value"] = sink.read(4000).decode("utf-8", "replace").strip()
 
 
 class ChdbStore(Store):
@@ -67,9 +93,11 @@ class ChdbStore(Store):
         from chdb import session as chs
 
         try:
-            session = chs.Session(str(self.path))
+            with _stderr_captured() as printed:
+                session = chs.Session(str(self.path))
         except Exception as e:  # noqa: BLE001 - chDB raises RuntimeError subclasses
-            msg = str(e)
+            # chDB prints the real cause (e.g. "Cannot lock file .../status") on fd 2 and raises a vaguer error
+            msg = " ".join(f"{printed()} {e}".split())
             if "already initialized with path" in msg:
                 raise StoreError(
                     f"chDB can hold one path per process and another one is open: {msg}",

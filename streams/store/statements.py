@@ -27,29 +27,36 @@ OPEN_ALERTS = (
 
 # ------------------------------------------------------------------- demo (through /api/query)
 
+# The demo's statements cover its own run only ({since}: the run's start, epoch ms), so a
+# store that holds earlier runs (or another process's data) does not leak into its answers.
 DEMO_RECENT_WINDOWS = (
     "SELECT model_id, window_end_ms, n_window, detection_rate, p_value FROM drift_windows FINAL "
-    "WHERE layer = 'penultimate' ORDER BY window_end_ms DESC, model_id LIMIT 8"
+    "WHERE layer = 'penultimate' AND window_end_ms >= {since} ORDER BY window_end_ms DESC, model_id LIMIT 8"
 )
 DEMO_LABEL_MIX = (
     "SELECT model_id, attack_type, count() AS n, any(target_model) FROM attack_labels FINAL "
     "WHERE ts_ms >= {since} GROUP BY model_id, attack_type ORDER BY model_id, n DESC"
 )
 DEMO_OPEN_ALERTS = (
-    "SELECT kind, model_id, client_id, min(ts_ms) FROM alerts FINAL GROUP BY alert_id, kind, model_id, client_id "
-    "HAVING countIf(state = 'resolved') = 0 ORDER BY min(ts_ms)"
+    "SELECT kind, model_id, client_id, min(ts_ms) FROM alerts FINAL WHERE ts_ms >= {since} "
+    "GROUP BY alert_id, kind, model_id, client_id HAVING countIf(state = 'resolved') = 0 ORDER BY min(ts_ms)"
 )
-DEMO_REFERENCE_ROWS = "SELECT count() FROM reference_embeddings FINAL"
-DEMO_LAST_WINDOW_END = "SELECT max(window_end_ms) FROM drift_windows"
+DEMO_REFERENCE_ROWS = "SELECT count() FROM reference_embeddings FINAL WHERE ts_ms >= {since}"
+DEMO_LAST_WINDOW_END = "SELECT max(window_end_ms) FROM drift_windows WHERE window_end_ms >= {since}"
 DEMO_WINDOWS = (
     "SELECT model_id, window_start_ms, window_end_ms, detection_rate FROM drift_windows FINAL "
-    "WHERE layer = 'penultimate' ORDER BY window_end_ms"
+    "WHERE layer = 'penultimate' AND window_end_ms > {since} AND window_start_ms < {until} "
+    "AND model_id IN {models} ORDER BY window_end_ms"
 )
 DEMO_ALERTS = (
     "SELECT kind, model_id, client_id, minIf(ts_ms, state = 'open') AS opened, maxIf(ts_ms, state = 'resolved'), "
-    "anyIf(window_id, state = 'open') FROM alerts FINAL GROUP BY alert_id, kind, model_id, client_id ORDER BY opened"
+    "anyIf(window_id, state = 'open') FROM alerts FINAL WHERE ts_ms >= {since} "
+    "GROUP BY alert_id, kind, model_id, client_id HAVING opened >= {since} ORDER BY opened"
 )
-DEMO_EVENTS_SINCE = "SELECT uniqExact(event_id) FROM predictions WHERE ts_ms >= {since}"
+DEMO_EVENTS_SINCE = (
+    "SELECT uniqExact(event_id) FROM predictions WHERE ts_ms >= {since} AND ts_ms <= {until} "
+    "AND model_id IN {models} AND event_id NOT IN (SELECT event_id FROM reference_embeddings WHERE ts_ms >= {since})"
+)
 
 # ------------------------------------------------------------------- dashboard
 # Time filters repeat the bound on the DateTime column `ts` (``since_s``): MergeTree keeps

@@ -35,8 +35,8 @@ def test_demo_summary_tells_the_story(demo_state, demo_classifier, tmp_path) -> 
         assert phase["windows"] >= 2, phase
         if phase["attack"] == "clean":
             assert phase["detection_rate_mean"] <= 0.15, phase
-        else:
-            assert phase["detection_rate_mean"] >= 0.9 and phase["detection_rate_max"] >= 0.9, phase
+        else:  # the median: the window that straddles the attack's start counts for it with a lower rate
+            assert phase["detection_rate_median"] >= 0.9 and phase["detection_rate_max"] >= 0.9, phase
     shift = [a for a in summary["alerts"] if a["kind"] == "distribution_shift"]
     for phase in phases[1::2]:
         inside = [a for a in shift if phase["start_ms"] <= a["opened_ms"] <= phase["end_ms"] + 6000]

@@ -84,6 +84,11 @@ def _fill(url: str, state_dir: Path) -> None:
             "predicted": np.zeros(m, np.int32), "confidence": np.ones(m, np.float32), "attack": labels.tolist(),
             "batch_offset": np.zeros(m, np.uint64), "ingested_ms": ts.astype(np.uint64),
         })
+        # the live inputs the t-SNE maps recompute window activations from
+        store.insert("predictions_inputs", {
+            "event_id": [f"e{i}" for i in range(m)], "model_id": ["resnet"] * m, "ts": ts // 1000,
+            "ts_ms": ts.astype(np.uint64), "input": demo_split(0).x_test[:m].reshape(m, -1).astype(np.float32),
+        })
     finally:
         store.close()
 
@@ -159,3 +164,19 @@ def test_confusion_formats() -> None:
         assert labels == ["clean", "pgd"]
         assert matrix.tolist() == [[5.0, 1.0], [0.0, 4.0]]
     assert _find_confusions({"confusion": [1, 2, 3]}) == []
+
+
+def test_tsne_windows_are_the_calmest_and_the_most_drifted(chdb_url: str, state_dir: Path) -> None:
+    from streams.report import _live_windows, _window_inputs
+    from workers.inference.models import load_demo_models
+
+    _fill(chdb_url, state_dir)
+    version = str(load_demo_models(state_dir, ["resnet"], progress=False)["resnet"].version)
+    with open_store(chdb_url) as store:
+        picked = _live_windows(store, "resnet", version, None)
+        # combined rows: 0.04 outside the attack (the newest such window wins ties), 1.0 inside (the newest)
+        assert [(label, wid, rate) for label, wid, _s, _e, rate in picked] == [
+            ("calmest window", "w11", 0.04), ("most drifted window", "w7", 1.0)]
+        _, _, start, end, _ = picked[1]
+        x = _window_inputs(store, "resnet", start, end, limit=1000)
+        assert x.shape == (20, 64)  # one stored input every 500 ms over the window's 10 s

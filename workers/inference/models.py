@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers.inference import names
+
 from workers.inference.data import IMAGE_SHAPE, N_CLASSES, demo_split
 from workers.inference.tap import PENULTIMATE, LayerTap
 from workers.progress import progress_bar
@@ -162,6 +164,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mlp": Architecture(SmallMLP, epochs=60),
 }
 MODEL_NAMES = tuple(ARCHITECTURES)
+assert MODEL_NAMES == names.MODEL_NAMES, "workers/inference/names.py lists the demo models"
 
 
 def build_model(name: str) -> nn.Module:

@@ -10,9 +10,11 @@ Defences (seed 003):
 
 - *target concealment*: the answer is ``{"labels": [...], "event_ids": [...]}`` — top-1
   labels only, unless ``top_k`` > 1 or ``return_scores`` is configured; every error is
-  a terse JSON ``{"error": "bad request"}`` (400), ``not found`` (404), ``method not
-  allowed`` (405), ``too many requests`` (429, with Retry-After), ``forbidden`` (403),
-  ``payload too large`` (413) or ``internal error`` (500), never a traceback or a reason;
+  JSON ``{"error": ...}``: ``bad request: <field, expected, got>`` (400), ``not found``
+  (404; ``: model 'x' is not served: one of …`` for a model), ``method not allowed``
+  (405), ``too many requests`` (429, with Retry-After), ``forbidden`` (403), ``payload
+  too large`` (413) or ``internal error`` (500), never a traceback; the reason of a
+  4xx is also logged at INFO. ``model=`` is required when more than one model is served;
 - *throttling*: a per-client token bucket counting predictions (``rate`` per second,
   ``burst``); the client id is header ``X-Client-Id`` (default: the remote address). The
   header is trusted as sent: in production put the server behind a proxy that
@@ -80,6 +82,13 @@ def _now_ms() -> int:
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _reject(kind: type[web.HTTPException], detail: str) -> web.HTTPException:
+    """An HTTP error whose JSON body will say ``detail`` (what was wrong, what was expected)."""
+    exc = kind()
+    exc.detail = detail  # type: ignore[attr-defined]
+    return exc
 
 
 class BadRequest(Exception):
@@ -432,7 +441,9 @@ class ModelServer:
             if key in self.counters:
                 self.counters[key] += 1
             headers = {k: exc.headers[k] for k in ("Allow", "Retry-After") if k in exc.headers} or None
-            return _error(exc.status, messages.get(exc.status, "error"), headers)
+            detail = getattr(exc, "detail", "")
+            message = messages.get(exc.status, "error")
+            return _error(exc.status, f"{message}: {detail}" if detail else message, headers)
         except Exception:
             self.counters["errors_500"] += 1
             log.exception("unhandled error serving %s", request.path)
@@ -494,10 +505,18 @@ class ModelServer:
     async def _predict(self, request: web.Request) -> web.Response:
         self.counters["requests"] += 1
         client = self._client_id(request)
-        name = request.query.get("model", self.default_model)
+        name = request.query.get("model")
+        if name is None:
+            if len(self.models) > 1:
+                log.info("bad request from %s: no model= parameter", client)
+                raise _reject(web.HTTPBadRequest, f"query parameter model is required when several models are "
+                                                   f"served: one of {', '.join(self.models)}")
+            name = self.default_model
         served = self.models.get(name)
         if served is None:
-            raise web.HTTPNotFound()
+            log.info("request from %s for unknown model %r", client, name[:MAX_ATTACK_NAME])
+            raise _reject(web.HTTPNotFound, f"model {name[:MAX_ATTACK_NAME]!r} is not served: one of "
+                                            f"{', '.join(self.models)}")
         action = self.policy.action_for(client, name)
         if action == "block":
             raise web.HTTPForbidden()
@@ -505,8 +524,8 @@ class ModelServer:
             x = await self._parse_inputs(request, served.input_shape)
             attack, truth = self._ground_truth(request, len(x))
         except BadRequest as exc:
-            log.debug("bad request from %s: %s", client, exc)
-            raise web.HTTPBadRequest() from None
+            log.info("bad request from %s: %s", client, exc)
+            raise _reject(web.HTTPBadRequest, str(exc)) from None
         wait = self.policy.take(client, len(x), throttled=action == "throttle")
         if wait > 0:
             raise web.HTTPTooManyRequests(headers={"Retry-After": str(max(1, math.ceil(wait)))})
@@ -543,23 +562,27 @@ class ModelServer:
             try:
                 dims = tuple(int(d) for d in request.headers.get("X-Shape", "").split(","))
             except ValueError:
-                raise BadRequest("X-Shape is not a list of integers") from None
+                raise BadRequest(f"header X-Shape: expected integers such as n,64 or n,1,8,8, got "
+                                 f"{request.headers.get('X-Shape', '')[:40]!r}") from None
             if not dims or any(d <= 0 for d in dims) or int(np.prod(dims)) * 4 != len(raw):
-                raise BadRequest("X-Shape does not match the body")
+                raise BadRequest(f"header X-Shape: expected a body of {int(np.prod(dims)) * 4} bytes for float32 "
+                                 f"shape {dims}, got {len(raw)} bytes")
             array = np.frombuffer(raw, dtype="<f4").reshape(dims)
         else:  # JSON, whatever the client called it
             try:
                 payload = json.loads(raw)
                 array = np.asarray(payload["inputs"], dtype=np.float32)
             except (ValueError, TypeError, KeyError, IndexError):
-                raise BadRequest("body is not JSON with an 'inputs' array of numbers") from None
+                raise BadRequest('body: expected JSON {"inputs": [[64 numbers], ...]} (or a float32 body with '
+                                 "Content-Type: application/octet-stream and X-Shape)") from None
         accepted = {(size,), tuple(shape)} | ({tuple(shape[1:])} if shape[0] == 1 else set())
         if array.ndim < 2 or array.shape[0] == 0 or tuple(array.shape[1:]) not in accepted:
-            raise BadRequest(f"inputs of shape {array.shape} are not (n, {size}) or (n, {shape})")
+            raise BadRequest(f"field inputs: expected shape (n, {size}) or (n, {', '.join(map(str, shape))}) "
+                             f"with n >= 1, got {tuple(array.shape)}")
         if array.shape[0] > self.max_batch:
-            raise BadRequest(f"{array.shape[0]} inputs exceed max_batch={self.max_batch}")
+            raise BadRequest(f"field inputs: at most {self.max_batch} rows per request, got {array.shape[0]}")
         if not np.isfinite(array).all():
-            raise BadRequest("inputs contain NaN or Inf")
+            raise BadRequest("field inputs: expected finite numbers, got NaN or Inf")
         return np.clip(array.reshape(-1, *shape), 0.0, 1.0).astype(np.float32, copy=False)
 
     def _ground_truth(self, request: web.Request, n: int) -> tuple[list[str] | None, np.ndarray | None]:
@@ -567,16 +590,16 @@ class ModelServer:
             return None, None
         attack = request.headers["X-Attack"].strip()
         if len(attack) > MAX_ATTACK_NAME or not attack.isprintable():
-            raise BadRequest("X-Attack is too long")
+            raise BadRequest(f"header X-Attack: expected a printable name of at most {MAX_ATTACK_NAME} characters")
         attack = "" if attack.lower() in CLEAN_NAMES else attack
         truth = None
         if "X-Truth" in request.headers:
             try:
                 truth = np.array([int(t) for t in request.headers["X-Truth"].split(",")], dtype=np.int32)
             except ValueError:
-                raise BadRequest("X-Truth is not a list of integers") from None
+                raise BadRequest("header X-Truth: expected comma-separated integers such as 3,1,4") from None
             if len(truth) != n:
-                raise BadRequest("X-Truth does not have one label per input")
+                raise BadRequest(f"header X-Truth: expected {n} labels (one per input), got {len(truth)}")
         return [attack] * n, truth
 
     # --- inference --------------------------------------------------------------------------

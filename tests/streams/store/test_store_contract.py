@@ -325,6 +325,7 @@ def load_fixture(store: Store) -> None:
         ("a0", "mA", "c1", 1_000, 1), ("a1", "mA", "c2", 2_000, 2), ("a2", "mA", "c1", 61_000, 3),
         ("a3", "mA", "c3", 62_000, 4), ("a4", "mA", "c1", 63_000, 5), ("a5", "mA", "c1", 125_000, 6),
         ("b0", "mB", "c9", 5_000, 0), ("b1", "mB", "c9", 6_000, 0), ("b2", "mB", "c8", 70_000, 1),
+        ("r0", "mA", "reference", 1_500, 1), ("r1", "mA", "reference", 1_600, 2),  # a reference batch, not traffic
     ]
     ts_ms = np.array([T0 + p[3] for p in preds], dtype=np.uint64)
     predictions = {
@@ -353,6 +354,7 @@ def load_fixture(store: Store) -> None:
         ("wA4", "mA", "__combined__", "a2", 1, 3.0), ("wA4", "mA", "__combined__", "a4", 2, 2.5),
         ("wA4", "mA", "__combined__", "a3", 3, 1.0), ("wA4", "mA", "penultimate", "a3", 1, 2.8),
         ("wA4", "mA", "__combined__", "ghost", 4, 0.5), ("wB2", "mB", "__combined__", "b2", 1, 9.0),
+        ("wA4", "mA", "penultimate", "a5", 2, 2.5),  # ties a4's best score
     ]
     scores = {
         "window_id": [r[0] for r in scores_rows], "model_id": [r[1] for r in scores_rows],
@@ -389,7 +391,14 @@ def load_fixture(store: Store) -> None:
         "offset": np.array([d[2] for d in dl_rows], np.int64), "reason": [d[3] for d in dl_rows],
         "ts_ms": dms, "ts": dms // 1000, "raw": [b"\x00\xffbad"] * len(dl_rows),
     }
+    references = {
+        "model_id": ["mA", "mA"], "model_version": ["v1", "v1"], "layer": ["penultimate"] * 2,
+        "event_id": ["r0", "r1"], "ts_ms": np.array([T0 + 1_500, T0 + 1_600], np.uint64),
+        "ts": np.array([T0 + 1_500, T0 + 1_600], np.uint64) // 1000, "predicted": np.array([1, 2], np.int32),
+        "vector": [np.ones(4, np.float32), np.zeros(4, np.float32)],
+    }
     for _ in range(2):
+        store.insert("reference_embeddings", references)
         store.insert("predictions", predictions)
         store.insert("drift_windows", drift)
         store.insert("sample_scores", scores)
@@ -437,12 +446,12 @@ def check_top_suspicious_events(store: Store) -> None:
     r = run_shipped(store, "top_suspicious_events", window_id="wA4", limit=3)
     assert rows_of(r, "event_id", "score", "rank", "layer", "client_id", "predicted", "attack") == [
         ("a2", 3.0, 1, "__combined__", "c1", 3, "fgsm"),
-        ("a3", 2.8, 1, "penultimate", "c3", 4, ""),
-        ("a4", 2.5, 2, "__combined__", "c1", 5, "fgsm"),
+        ("a3", 2.8, 2, "penultimate", "c3", 4, ""),
+        ("a4", 2.5, 3, "__combined__", "c1", 5, "fgsm"),
     ]
     everything = run_shipped(store, "top_suspicious_events", window_id="wA4")
     assert rows_of(everything, "event_id", "client_id", "ts_ms")[-1] == ("ghost", "", 0)
-    assert len(everything.rows) == 4
+    assert rows_of(everything, "event_id", "rank") == [("a2", 1), ("a3", 2), ("a4", 3), ("a5", 3), ("ghost", 4)]
     assert run_shipped(store, "top_suspicious_events", window_id="nope").rows == []
     one_layer = run_shipped(store, "top_suspicious_events", window_id="wA4", layer="penultimate")
     assert one_layer.rows and {r[0] for r in rows_of(one_layer, "layer")} == {"penultimate"}

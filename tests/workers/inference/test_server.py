@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -34,10 +35,14 @@ def test_answers_top1_labels_only_by_default(plain, demo_models):
     probs, _ = demo_models["cnn"].predict(X)
     assert body["labels"] == probs.argmax(1).tolist()
     assert len(set(body["event_ids"])) == 16
-    # the binary form gives the same answer; the default model is the first one
-    status, _, binary = http(f"{plain.url}/predict", X.astype("<f4").tobytes(),
+    # the binary form gives the same answer
+    status, _, binary = http(f"{plain.url}/predict?model=cnn", X.astype("<f4").tobytes(),
                              {"Content-Type": "application/octet-stream", "X-Shape": "16,1,8,8"})
     assert status == 200 and binary["labels"] == body["labels"]
+    # several models served: model= is required, and the answer names the choices
+    status, _, answer = http(f"{plain.url}/predict", X.astype("<f4").tobytes(),
+                             {"Content-Type": "application/octet-stream", "X-Shape": "16,1,8,8"})
+    assert status == 400 and "model is required" in answer["error"] and "cnn, resnet, mlp" in answer["error"]
     status, _, nested = post_json(f"{plain.url}/predict?model=mlp", X.tolist())
     assert status == 200 and len(nested["labels"]) == 16
 
@@ -67,19 +72,22 @@ def test_top_k_and_scores_only_when_configured(demo_models):
          {"Content-Type": "application/json", "X-Attack": "pgd", "X-Truth": "1,2,3"}),
     ],
 )
-def test_malformed_requests_get_a_terse_400(plain, body, headers):
+def test_malformed_requests_get_a_400_saying_what_was_wrong(plain, body, headers):
     status, got_headers, answer = http(f"{plain.url}/predict?model=cnn", body, headers)
     assert status == 400
-    assert answer == {"error": "bad request"}  # nothing about numpy, shapes or Python
+    assert set(answer) == {"error"} and answer["error"].startswith("bad request: ")
+    assert re.search(r"body|field inputs|header X-", answer["error"]), answer  # names the culprit
+    assert "expected" in answer["error"] and not re.search(r"Traceback|numpy|File \"", answer["error"]), answer
 
 
 def test_other_errors_are_terse_too(plain):
-    assert http(f"{plain.url}/predict?model=vgg", b"{}") [::2] == (404, {"error": "not found"})
+    assert http(f"{plain.url}/predict?model=vgg", b"{}") [::2] == (
+        404, {"error": "not found: model 'vgg' is not served: one of cnn, resnet, mlp"})
     assert http(f"{plain.url}/admin")[::2] == (404, {"error": "not found"})
     status, headers, body = http(f"{plain.url}/predict", method="GET")
     assert (status, body) == (405, {"error": "method not allowed"})
     big = b"[" + b"0," * 3_000_000 + b"0]"
-    assert http(f"{plain.url}/predict", big, {"Content-Type": "application/json"})[::2] == (
+    assert http(f"{plain.url}/predict?model=cnn", big, {"Content-Type": "application/json"})[::2] == (
         413, {"error": "payload too large"})
     status, _, health = http(f"{plain.url}/health")
     assert status == 200 and health["status"] == "ok" and health["models"] == ["cnn", "resnet", "mlp"]
