@@ -19,11 +19,15 @@ average pooling** over the spatial axes (a conv map ``(n, C, H, W)`` becomes
 ``(n, C)``), which keeps the dimension small and independent of the input size, as
 the reference embeddings require. Two-dimensional tensors are kept as they are.
 
-Hooks only record while :meth:`LayerTap.tap` runs, so attacks and training that call
-the same module pay nothing; a hook pools (or clones) what it sees at once, so a later
-in-place operation in the model cannot change a tapped value. All matrices of one call (outputs included) are cast on
-the device, concatenated and copied to the host **once**, then split into numpy views.
-Works under ``torch.inference_mode()`` and ``torch.no_grad()``.
+Hooks only record while :meth:`LayerTap.tap` or :meth:`LayerTap.forward` runs in the
+same thread (the recording state is thread-local, so concurrent requests on one model
+and attacks or training that call the same module never mix); a hook pools (or copies)
+what it sees at once, cast to the tap's dtype, so a later in-place operation in the model
+cannot change a tapped value. All matrices of one call (outputs included) are cast on the
+device, concatenated and copied to the host **once** (:func:`to_host`), then split into
+numpy views. Works under ``torch.inference_mode()`` and ``torch.no_grad()``.
+:meth:`LayerTap.forward` returns the module's own output untouched plus the tapped device
+tensors, for callers (``Monitor``) that copy to the host later, off the request path.
 
 Example:
     >>> import torch
@@ -37,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -75,13 +80,14 @@ def pool_to_matrix(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _snapshot(t: torch.Tensor) -> torch.Tensor:
-    """Pool now (a new, small tensor), or clone a 2-D one, so a later in-place op cannot change it."""
+def _snapshot(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pool now, or copy a 2-D one, cast to ``dtype``: a new tensor a later in-place op cannot change."""
     t = t.detach()
-    return pool_to_matrix(t) if t.dim() > 2 else pool_to_matrix(t).clone()
+    return pool_to_matrix(t).to(dtype) if t.dim() > 2 else pool_to_matrix(t).to(dtype, copy=True)
 
 
-def _first_tensor(value: object) -> torch.Tensor:
+def first_tensor(value: object) -> torch.Tensor:
+    """The tensor itself, or the first tensor of a tuple, list or dict output."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
@@ -136,8 +142,8 @@ class LayerTap:
         if not wanted and self.penultimate_module is None:
             raise ValueError("nothing to tap: give layers, include_regex or penultimate=True")
         self.names: list[str] = ([PENULTIMATE] if penultimate else []) + wanted
-        self._captured: dict[str, torch.Tensor] = {}
-        self._active = False
+        self._torch_dtype = torch.float16 if self.dtype == np.float16 else torch.float32
+        self._local = threading.local()  # .captured while recording: per thread, for concurrent requests
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         if self.penultimate_module is not None:
             self._handles.append(modules[self.penultimate_module].register_forward_pre_hook(self._pre_hook))
@@ -147,17 +153,35 @@ class LayerTap:
     # --- hooks ------------------------------------------------------------------------------
 
     def _pre_hook(self, _module: nn.Module, args: tuple) -> None:
-        if self._active:
-            self._captured[PENULTIMATE] = _snapshot(_first_tensor(args))
+        captured = getattr(self._local, "captured", None)
+        if captured is not None:
+            captured[PENULTIMATE] = _snapshot(first_tensor(args), self._torch_dtype)
 
     def _hook(self, name: str) -> Callable:
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
-            if self._active:
-                self._captured[name] = _snapshot(_first_tensor(output))
+            captured = getattr(self._local, "captured", None)
+            if captured is not None:
+                captured[name] = _snapshot(first_tensor(output), self._torch_dtype)
 
         return hook
 
     # --- use --------------------------------------------------------------------------------
+
+    def forward(self, x: object) -> tuple[object, list[torch.Tensor]]:
+        """Run ``module(x)`` exactly as the caller would (its grad mode, its device, its input) and
+        return the module's output untouched plus the tapped (n, dim) device tensors in ``names`` order."""
+        if not self._handles:
+            raise RuntimeError("this LayerTap was removed")
+        local = self._local
+        local.captured = captured = {}
+        try:
+            out = self.module(x)
+        finally:
+            local.captured = None
+        if len(captured) < len(self.names):
+            missing = [n for n in self.names if n not in captured]
+            raise RuntimeError(f"the forward pass did not reach the tapped layer(s) {missing}")
+        return out, [captured[n] for n in self.names]
 
     def tap(
         self,
@@ -171,53 +195,19 @@ class LayerTap:
         single device-to-host copy. Runs under ``torch.inference_mode()`` unless grad mode or
         inference mode was already chosen by the caller (then it respects that).
         """
-        if not self._handles:
-            raise RuntimeError("this LayerTap was removed")
         if isinstance(x, np.ndarray):
             x = np.ascontiguousarray(x, dtype=np.float32)
             x = torch.from_numpy(x if x.flags.writeable else x.copy())
         x = x.to(_device_of(self.module))
-        self._captured = {}
-        self._active = True
-        try:
-            if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-                with torch.inference_mode():
-                    out = self.module(x)
-            else:
-                out = self.module(x)
-        finally:
-            self._active = False
-        out = _first_tensor(out).detach()
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            with torch.inference_mode():
+                out, mats = self.forward(x)
+        else:
+            out, mats = self.forward(x)
+        out = first_tensor(out).detach()
         if output_fn is not None:
             out = output_fn(out)
-        missing = [n for n in self.names if n not in self._captured]
-        if missing:
-            raise RuntimeError(f"the forward pass did not reach the tapped layer(s) {missing}")
-        mats = [self._captured[n] for n in self.names]
-        self._captured = {}
-        return self._to_host(out, mats)
-
-    def _to_host(self, out: torch.Tensor, mats: list[torch.Tensor]) -> TapResult:
-        """One device-to-host copy: cast on device, concatenate along dim 1, split on the host."""
-        n = out.shape[0]
-        out = out.reshape(n, -1).float()
-        dims = [m.shape[1] for m in mats]
-        if self.dtype == np.float16:
-            # float32 outputs travel bit-for-bit as pairs of float16 in the same buffer
-            parts = [out.contiguous().view(torch.float16)] + [m.to(torch.float16) for m in mats]
-        else:
-            parts = [out] + [m.float() for m in mats]
-        host = torch.cat(parts, dim=1).cpu().numpy()
-        k = out.shape[1] * (2 if self.dtype == np.float16 else 1)
-        outputs = host[:, :k]
-        if self.dtype == np.float16:
-            outputs = np.ascontiguousarray(outputs).view(np.float32)
-        layers: dict[str, np.ndarray] = {}
-        at = k
-        for name, dim in zip(self.names, dims):
-            layers[name] = host[:, at : at + dim]
-            at += dim
-        return TapResult(outputs=outputs, layers=layers)
+        return to_host(out, dict(zip(self.names, mats)), self.dtype)
 
     __call__ = tap
 
@@ -226,7 +216,6 @@ class LayerTap:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._captured = {}
 
     @property
     def attached(self) -> bool:
@@ -240,6 +229,30 @@ class LayerTap:
 
     def __repr__(self) -> str:
         return f"LayerTap({type(self.module).__name__}, layers={self.names}, dtype={self.dtype})"
+
+
+def to_host(out: torch.Tensor, layers: dict[str, torch.Tensor], dtype: str | np.dtype = "float32") -> TapResult:
+    """One device-to-host copy: outputs as float32 (n, classes) and (n, dim) layers cast to ``dtype``
+    are concatenated along dim 1 on the device, copied once, and split into numpy views on the host."""
+    dtype = np.dtype(dtype)
+    n = out.shape[0]
+    out = out.reshape(n, -1).float()
+    if dtype == np.float16:
+        # float32 outputs travel bit-for-bit as pairs of float16 in the same buffer
+        parts = [out.contiguous().view(torch.float16)] + [m.to(torch.float16) for m in layers.values()]
+    else:
+        parts = [out] + [m.float() for m in layers.values()]
+    host = torch.cat(parts, dim=1).cpu().numpy()
+    k = out.shape[1] * (2 if dtype == np.float16 else 1)
+    outputs = host[:, :k]
+    if dtype == np.float16:
+        outputs = np.ascontiguousarray(outputs).view(np.float32)
+    matrices: dict[str, np.ndarray] = {}
+    at = k
+    for name, m in layers.items():
+        matrices[name] = host[:, at : at + m.shape[1]]
+        at += m.shape[1]
+    return TapResult(outputs=outputs, layers=matrices)
 
 
 def _device_of(module: nn.Module) -> torch.device:
