@@ -17,10 +17,11 @@ one PredictionBatch record to a :class:`~workers.inference.publisher.Publisher`.
 Queue semantics: at most ``queue_rows`` rows wait; when the broker is slow or down and
 the queue is full, the **oldest** rows are dropped (a stale prediction is worth less
 than a fresh one), counted in ``stats()["dropped"]``, with one warning per minute at
-most. The producer's own buffer (kafka-python ``buffer_memory``, 32 MiB by default)
-bounds what waits beyond the queue. While the broker cannot be reached at all, the
-background thread retries the connection with backoff and the queue keeps the newest
-rows. ``close()`` sends what is queued and waits for the acknowledgements.
+most. The background thread stops handing records to the producer while ``queue_rows``
+rows are unacknowledged (kafka-python's producer buffer has no size limit of its own),
+so at most about twice ``queue_rows`` rows are held in memory. While the broker cannot be
+reached at all, the background thread retries the connection with backoff and the queue
+keeps the newest rows. ``close()`` sends what is queued and waits for the acknowledgements.
 
 Thread- and asyncio-safe: the queue is guarded by one lock held for a few microseconds,
 and the tap records per thread, so concurrent requests on one model never mix.
@@ -291,6 +292,9 @@ class Monitor:
     # --- background publishing --------------------------------------------------------------
 
     def _run(self) -> None:
+        # Small tensors, one intra-op thread: OpenMP keeps this per thread (measured: the serving
+        # thread keeps its own setting), so the sender never competes for the serving thread's pool.
+        torch.set_num_threads(1)
         try:
             self._publish_loop()
         finally:  # the sender owns the producer: it closes it, also when close() gave up waiting
@@ -310,6 +314,12 @@ class Monitor:
                         return
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
+                continue
+            if self.publisher.in_flight_events >= self.queue_rows and not self._closing:
+                # Kafka is not acknowledging (kafka-python's producer buffer has no size limit):
+                # hold back, so memory stays bounded and the queue drops the oldest rows instead.
+                with self._cond:
+                    self._cond.wait(0.05)
                 continue
             entries = self._take()
             if entries is None:

@@ -243,6 +243,12 @@ class Publisher:
         with self._lock:
             return self._in_flight
 
+    @property
+    def in_flight_events(self) -> int:
+        """Events of the records in flight."""
+        with self._lock:
+            return self._in_flight_events
+
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait for every record in flight; raise PublishError if any failed since the last flush."""
         if not self._closed:
