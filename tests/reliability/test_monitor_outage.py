@@ -24,7 +24,9 @@ def test_broker_stopped_mid_stream_bounds_queue_and_in_flight(tmp_path) -> None:
         monitor = Monitor(net, "outage", settings=settings, actions=False, batch_rows=16, queue_rows=64)
         wait_until(lambda: monitor.stats()["connected"], timeout=30, message="the monitor to connect")
         with torch.inference_mode():
-            for _ in range(40):
+            monitor(torch.randn(2, 8))
+            assert monitor.flush(timeout=30)  # the first send waits for the topic's metadata
+            for _ in range(39):
                 monitor(torch.randn(2, 8))
             assert monitor.flush(timeout=30) and monitor.stats()["sent"] == 80
             broker.stop()
