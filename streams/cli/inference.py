@@ -1,4 +1,4 @@
-"""Inference-side subcommands: serve (the demo model server), reference, simulate.
+"""Inference-side subcommands: serve (the demo model server), reference, simulate, models.
 
 Each translates settings and arguments into a call of the pure code in `workers/`.
 """
@@ -78,11 +78,23 @@ def _serve(sub: Any) -> None:
 
 @command
 def _reference(sub: Any) -> None:
-    p = sub.add_parser("reference", help="publish each demo model's validation split as its clean reference")
+    p = sub.add_parser("reference", help="publish a clean reference: the demo models' validation split, "
+                                          "or --from FILE.npz for your own model")
     p.add_argument("--models", help="comma list of demo models (default: all)")
+    p.add_argument("--model-id", help="your model's id (with --from)")
+    p.add_argument("--model-version", default="1", help="your model's version (with --from)")
+    p.add_argument("--from", dest="source", metavar="FILE.npz",
+                   help="outputs + layer activations computed offline: arrays 'outputs' (n, classes), optional "
+                        "'truth' (n,), every other array a layer named by its key")
+    p.add_argument("--softmax", action="store_true", help="the file's outputs are logits")
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from streams.broker import require_broker
+
+        if bool(args.source) != bool(args.model_id):
+            raise UsageError("layerwatch reference: --from FILE.npz and --model-id go together")
+        if args.source:
+            return _reference_from_file(args, settings)
 
         names = models_arg(args.models)
         require_broker(settings.kafka_bootstrap)
@@ -94,6 +106,26 @@ def _reference(sub: Any) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _reference_from_file(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.broker import require_broker
+    from workers.inference.reference_file import ReferenceFileError, load_reference_npz, publish_reference_arrays
+    from workers.progress import progress_bar
+
+    try:
+        reference = load_reference_npz(args.source, softmax=args.softmax)
+    except ReferenceFileError as exc:
+        raise UsageError(f"layerwatch reference: {exc}") from None
+    require_broker(settings.kafka_bootstrap)
+    with progress_bar(True) as progress:
+        task = progress.add_task(f"reference {args.model_id}", total=reference.n)
+        sent = publish_reference_arrays(settings.kafka_bootstrap, args.model_id, reference,
+                                        model_version=args.model_version, topic=settings.topic("predictions"),
+                                        on_batch=lambda k: progress.advance(task, k), **client_config(settings))
+    layers = ", ".join(f"{name} ({values.shape[1]})" for name, values in reference.layers.items())
+    print(f"{args.model_id} v{args.model_version}: {sent} reference events published; layers {layers}")
+    return 0
 
 
 @command
@@ -148,3 +180,47 @@ def _simulate(sub: Any) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+@command
+def _models(sub: Any) -> None:
+    p = sub.add_parser("models", help="every model seen: versions, layers, reference, events/min, last window, alerts")
+    p.add_argument("--json", action="store_true", help="print the overview as JSON")
+
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from streams.models import models_sync
+        from streams.query import run_query
+
+        models = models_sync(lambda sql, params: run_query(settings, sql, params))
+        print(json.dumps(models, indent=2) if args.json else format_models(models))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def format_models(models: list[dict[str, Any]]) -> str:
+    """The overview as a table: one row per model version."""
+    import io
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    now = time.time() * 1000
+    table = Table("model", "version", "status", "events", "events/min", "layers (dim)", "reference",
+                  "last window", "open alerts")
+    for model in models:
+        for v in model["versions"] or [{"version": "", "status": "", "events": "", "events_per_min": "", "layers": [],
+                                          "reference": None, "last_window": None}]:
+            ref = v["reference"]
+            window = v["last_window"]
+            table.add_row(
+                model["model_id"], v["version"], v["status"], str(v["events"]), str(v["events_per_min"]),
+                ", ".join(f"{layer['name']} ({layer['dim'] or '?'})" for layer in v["layers"]),
+                f"{ref['rows']} ({ref['source']})" if ref else "-",
+                f"{(now - window['end_ms']) / 1000:.0f} s ago, rate {window['detection_rate']:.2f}" if window else "-",
+                str(model["open_alerts"]))
+    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+    console.print(table)
+    return console.file.getvalue().rstrip("\n")
+

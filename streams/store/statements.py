@@ -214,3 +214,27 @@ DASHBOARD_QUERIES = {
     "window_events": WINDOW_EVENTS_SQL, "window_labels": WINDOW_LABELS_SQL, "window_inputs": WINDOW_INPUTS_SQL,
 }
 
+
+# ------------------------------------------------------------------- models overview (`layerwatch models`, /api/models)
+# Full-table aggregates, approximate where exactness costs a FINAL over everything (uniq).
+# Reference events are stored in `predictions` too; publishers mark them client_id 'reference'.
+
+MODELS_EVENTS = (
+    "SELECT model_id, model_version, uniq(event_id) AS events, uniqIf(event_id, ts_ms >= {since_ms}) AS recent, "
+    "min(ts_ms), max(ts_ms) FROM predictions WHERE client_id != 'reference' "
+    "GROUP BY model_id, model_version ORDER BY model_id, model_version"
+)
+MODELS_REFERENCES = (
+    "SELECT model_id, model_version, layer, uniqExact(event_id) AS rows, any(length(vector)) AS dim, "
+    "min(ts_ms), max(ts_ms) FROM reference_embeddings GROUP BY model_id, model_version, layer "
+    "ORDER BY model_id, model_version, layer"
+)
+MODELS_WINDOWS = (
+    "SELECT model_id, model_version, layer, uniqExact(window_id) AS windows, max(window_end_ms) AS last_ms, "
+    "argMax(detection_rate, window_end_ms), argMax(window_id, window_end_ms) FROM drift_windows "
+    "GROUP BY model_id, model_version, layer ORDER BY model_id, model_version, layer"
+)
+MODELS_OPEN_ALERTS = (
+    "SELECT model_id, count() FROM (SELECT alert_id, any(model_id) AS model_id FROM alerts FINAL "
+    "GROUP BY alert_id HAVING countIf(state = 'resolved') = 0) GROUP BY model_id"
+)

@@ -1,4 +1,4 @@
-"""The worker's HTTP endpoints (Faust web views): health, Prometheus metrics, read-only SQL.
+"""The worker's HTTP endpoints (Faust web views): health, Prometheus metrics, read-only SQL, the models overview.
 
 Endpoints that return data or run SQL require ``Authorization: Bearer <LW_WEB_TOKEN>``
 when a token is configured; `/health` stays open for load balancers.
@@ -31,7 +31,7 @@ def authorized(request: Request, token: str) -> bool:
 
 
 def register_api_views(app: faust.App, runtime: Any) -> None:
-    """Add /health, /metrics and /api/query to the Faust web server."""
+    """Add /health, /metrics, /api/query and /api/models to the Faust web server."""
     token = runtime.settings.web_token
 
     @app.page("/health")
@@ -64,3 +64,17 @@ def register_api_views(app: faust.App, runtime: Any) -> None:
             except StoreError as exc:
                 return self.json({"error": mask(exc)}, status=400)
             return self.json({"columns": names, "rows": rows})
+
+    @app.page("/api/models")
+    class Models(View):
+        async def get(self, request: Request) -> Response:
+            if not authorized(request, token):
+                return self.json({"error": "unauthorized"}, status=401)
+            from streams.models import models_async
+
+            try:
+                models = await models_async(runtime.writer.query_columns)
+            except StoreError as exc:
+                return self.json({"error": str(exc)}, status=503)
+            return self.json({"models": models})
+

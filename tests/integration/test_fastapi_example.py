@@ -124,6 +124,42 @@ def test_fastapi_app_is_monitored_end_to_end(broker: str, chdb_url: str, tmp_pat
                             timeout=60, message="the distribution-shift alert")
         assert len(alerts) == 1 and shifted[0] <= alerts[0][1]
 
+        # onboarding without code: a reference computed offline, and a model that has none yet
+        rng = np.random.default_rng(2)
+        np.savez(tmp_path / "offline.npz", outputs=rng.dirichlet(np.ones(3), size=300).astype(np.float32),
+                 penultimate=rng.normal(size=(300, 16)).astype(np.float32), truth=rng.integers(0, 3, 300))
+        done = subprocess.run([sys.executable, "-m", "streams.cli", "reference", "--model-id", "offline",
+                               "--model-version", "2", "--from", str(tmp_path / "offline.npz")],
+                              env=stack.child_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "offline v2: 300 reference events published" in done.stdout, done.stderr
+        from layerwatch import Monitor
+
+        with Monitor(None, "newcomer", actions=False) as newcomer:  # LW_* from the monkeypatched environment
+            newcomer.observe(rng.normal(size=(60, 3)), {"penultimate": rng.normal(size=(60, 8))}, client_id="n")
+            assert newcomer.flush(timeout=30)
+
+        def models() -> dict:
+            status, body = http_json(f"{url}/api/models", timeout=30)
+            assert status == 200, body
+            return {m["model_id"]: m for m in body["models"]}
+
+        seen = wait_until(lambda: (m := models()) and {"offline", "newcomer"} <= set(m)
+                          and m["offline"]["versions"][0]["reference"] and m, timeout=60,
+                          message="the models overview to list every model")
+        (tab,) = seen["tabular-mlp"]["versions"]
+        assert (tab["version"], tab["status"], tab["events"]) == ("1", "monitored", total)
+        assert tab["reference"]["rows"] == 1000 and tab["reference"]["source"] == "published"
+        assert {"name": "penultimate", "dim": 32, "reference_rows": 1000} in tab["layers"]
+        assert tab["last_window"]["end_ms"] >= shifted[1] - STEP_S * 1000 and seen["tabular-mlp"]["open_alerts"] == 1
+        (off,) = seen["offline"]["versions"]
+        assert (off["version"], off["status"], off["reference"]["rows"], off["events"]) == ("2", "monitored", 300, 0)
+        (new,) = seen["newcomer"]["versions"]
+        assert (new["status"], new["events"], new["reference"]) == ("awaiting reference", 60, None)
+        cli = subprocess.run([sys.executable, "-m", "streams.cli", "models", "--json"],  # via the worker's API
+                             env=stack.child_env(LW_WEB_PORT=url.rsplit(":", 1)[1]), capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0 and {m["model_id"] for m in json.loads(cli.stdout)} >= {"tabular-mlp", "offline",
+                                                                                           "newcomer"}, cli.stderr
+
 
 def _example_module(name: str):
     """A module of examples/ (imported by path: examples/ is not a package)."""
