@@ -1,9 +1,10 @@
 """Every model layerwatch has seen: versions, layers, reference, traffic, last tested window, open alerts.
 
 Shared by `layerwatch models` (through the worker's API or the store) and `GET /api/models`:
-four aggregate queries (streams/store/statements.py, ``MODELS_*``) and one pure function
+five aggregate queries (streams/store/statements.py, ``MODELS_*``) and one pure function
 that joins their rows into one record per model. A model version with live events and no
-reference is reported as ``awaiting reference`` instead of being left out.
+reference is reported as ``awaiting reference`` instead of being left out; a reference
+bootstrapped from live traffic (``LW_REFERENCE_BOOTSTRAP``) says so, with its time range.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any, Awaitable, Callable, Sequence
 from schemas.batch import COMBINED
 from streams.store import statements as Q
 
-QUERIES = {"events": Q.MODELS_EVENTS, "references": Q.MODELS_REFERENCES, "windows": Q.MODELS_WINDOWS,
-           "alerts": Q.MODELS_OPEN_ALERTS}
+QUERIES = {"events": Q.MODELS_EVENTS, "references": Q.MODELS_REFERENCES, "sources": Q.MODELS_REFERENCE_SOURCES,
+           "windows": Q.MODELS_WINDOWS, "alerts": Q.MODELS_OPEN_ALERTS}
 RECENT_MS = 60_000
 
 
@@ -43,6 +44,10 @@ def overview(rows: dict[str, Sequence[Sequence[Any]]], now_ms: int) -> list[dict
         ref.update(rows=max(ref["rows"], int(n)), from_ms=min(ref["from_ms"], int(first)),
                    to_ms=max(ref["to_ms"], int(last)))
         v["reference"] = ref
+    for model, ver, source, n, first, last in rows.get("sources", ()):
+        v = version(model, ver)
+        v["reference"] = {**(v["reference"] or {"rows": int(n)}), "source": source, "from_ms": int(first),
+                          "to_ms": int(last)}
     for model, ver, layer, windows, last_ms, rate, window_id in rows["windows"]:
         v = version(model, ver)
         if layer != COMBINED:

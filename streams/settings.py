@@ -73,6 +73,7 @@ class Settings:
     window_min_samples: int = 50
     window_count_trigger: int = 0  # slow models: events of too-small windows are carried over and tested once this many arrived (0: off)
     reference_max: int = 1000
+    reference_bootstrap: int = 0  # a model version with no reference gets one from its first N live events (0: off)
     mmd_permutations: int = 200
     detection_repeats: int = 100
     detection_m: int = 100

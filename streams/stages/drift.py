@@ -22,6 +22,7 @@ from schemas.batch import COMBINED, PredictionBatch
 from schemas.codec import encode
 from schemas.window import WindowSample, encode_window
 from streams.rows import Delivered, now_ms
+from streams.stages.bootstrap import ReferenceBootstrap
 from streams.stages.references import Reference, ReferenceCache
 from workers.drift import AnalysisOptions, Verdict, WindowAnalysis
 from workers.windows import ClosedWindow, Coalescer, WindowManager
@@ -75,6 +76,7 @@ class DriftStage:
         # two minutes' worth per key; only past that are they merged
         self.pending = Coalescer(capacity=s.window_max_samples, max_pending=max(1, int(120 / s.window_step_s)))
         self.references = ReferenceCache(s, runtime.writer)
+        self.bootstrap = ReferenceBootstrap(s, runtime.writer, self.references)
         self.options = analysis_options(s)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-mmd")
         self.wakeup = asyncio.Event()
@@ -96,7 +98,10 @@ class DriftStage:
             b = d.batch
             if b.role == "reference":
                 self.references.mark_stale((b.model_id, b.model_version))
+                self.bootstrap.published((b.model_id, b.model_version))
                 continue
+            if self.bootstrap.enabled:
+                await self.bootstrap.observe(b)
             late = self.windows.late_events
             self.enqueue(self.replay(b, d.partition))
             if self.windows.late_events > late:

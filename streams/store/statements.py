@@ -238,3 +238,7 @@ MODELS_OPEN_ALERTS = (
     "SELECT model_id, count() FROM (SELECT alert_id, any(model_id) AS model_id FROM alerts FINAL "
     "GROUP BY alert_id HAVING countIf(state = 'resolved') = 0) GROUP BY model_id"
 )
+MODELS_REFERENCE_SOURCES = (
+    "SELECT model_id, model_version, source, rows, from_ms, to_ms FROM reference_sources FINAL "
+    "ORDER BY model_id, model_version"
+)

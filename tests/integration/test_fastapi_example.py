@@ -63,7 +63,7 @@ def test_fastapi_app_is_monitored_end_to_end(broker: str, chdb_url: str, tmp_pat
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     prefix = f"fx{uuid.uuid4().hex[:6]}."
     env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"layerwatch-{prefix}", "LW_WINDOW_SIZE_S": str(WINDOW_S),
-           "LW_WINDOW_STEP_S": str(STEP_S), "LW_AGENTS": "sink,drift,alerts",
+           "LW_WINDOW_STEP_S": str(STEP_S), "LW_AGENTS": "sink,drift,alerts", "LW_REFERENCE_BOOTSTRAP": "200",
            "EXAMPLE_MODEL_PATH": str(tmp_path / "mlp.pt")}
     with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=chdb_url, bootstrap=broker, env=env) as stack:
         for key, value in {**env, "LW_KAFKA_BOOTSTRAP": broker}.items():
@@ -134,18 +134,23 @@ def test_fastapi_app_is_monitored_end_to_end(broker: str, chdb_url: str, tmp_pat
         assert done.returncode == 0 and "offline v2: 300 reference events published" in done.stdout, done.stderr
         from layerwatch import Monitor
 
-        with Monitor(None, "newcomer", actions=False) as newcomer:  # LW_* from the monkeypatched environment
+        sent_from = int(time.time() * 1000)
+        with Monitor(None, "newcomer", actions=False) as newcomer, \
+                Monitor(None, "bootstrapped", actions=False) as bootstrapped:  # LW_* from the environment
             newcomer.observe(rng.normal(size=(60, 3)), {"penultimate": rng.normal(size=(60, 8))}, client_id="n")
-            assert newcomer.flush(timeout=30)
+            for _ in range(5):  # 250 events: LW_REFERENCE_BOOTSTRAP=200 makes its first 200 the reference
+                bootstrapped.observe(rng.normal(size=(50, 3)), {"penultimate": rng.normal(size=(50, 8))})
+            assert newcomer.flush(timeout=30) and bootstrapped.flush(timeout=30)
+        sent_to = int(time.time() * 1000)
 
         def models() -> dict:
             status, body = http_json(f"{url}/api/models", timeout=30)
             assert status == 200, body
             return {m["model_id"]: m for m in body["models"]}
 
-        seen = wait_until(lambda: (m := models()) and {"offline", "newcomer"} <= set(m)
-                          and m["offline"]["versions"][0]["reference"] and m, timeout=60,
-                          message="the models overview to list every model")
+        seen = wait_until(lambda: (m := models()) and {"offline", "newcomer", "bootstrapped"} <= set(m)
+                          and m["offline"]["versions"][0]["reference"] and m["bootstrapped"]["versions"][0]["reference"]
+                          and m, timeout=60, message="the models overview to list every model")
         (tab,) = seen["tabular-mlp"]["versions"]
         assert (tab["version"], tab["status"], tab["events"]) == ("1", "monitored", total)
         assert tab["reference"]["rows"] == 1000 and tab["reference"]["source"] == "published"
@@ -155,6 +160,11 @@ def test_fastapi_app_is_monitored_end_to_end(broker: str, chdb_url: str, tmp_pat
         assert (off["version"], off["status"], off["reference"]["rows"], off["events"]) == ("2", "monitored", 300, 0)
         (new,) = seen["newcomer"]["versions"]
         assert (new["status"], new["events"], new["reference"]) == ("awaiting reference", 60, None)
+        (boot,) = seen["bootstrapped"]["versions"]
+        ref = boot["reference"]
+        assert (boot["status"], boot["events"], ref["rows"], ref["source"]) == ("monitored", 250, 200, "bootstrap")
+        assert sent_from <= ref["from_ms"] <= ref["to_ms"] <= sent_to
+        assert _query(url, "SELECT uniqExact(event_id) FROM reference_embeddings WHERE model_id = 'bootstrapped'") == [[200]]
         cli = subprocess.run([sys.executable, "-m", "streams.cli", "models", "--json"],  # via the worker's API
                              env=stack.child_env(LW_WEB_PORT=url.rsplit(":", 1)[1]), capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0 and {m["model_id"] for m in json.loads(cli.stdout)} >= {"tabular-mlp", "offline",

@@ -15,6 +15,7 @@ def test_overview_joins_events_references_windows_and_alerts() -> None:
         "windows": [["cnn", "1", "penultimate", 12, 990_000, 0.2, "w-p"], ["cnn", "1", COMBINED, 12, 990_000, 0.4, "w-c"],
                     ["cnn", "1", "layer2", 12, 980_000, 0.1, "w-l"]],
         "alerts": [["cnn", 1], ["gone", 2]],
+        "sources": [["offline", "2", "bootstrap", 300, 100, 200]],
     }
     models = {m["model_id"]: m for m in overview(rows, now)}
     assert list(models) == ["cnn", "gone", "new", "offline"]
@@ -27,4 +28,5 @@ def test_overview_joins_events_references_windows_and_alerts() -> None:
     assert new["status"] == "awaiting reference" and new["reference"] is None and new["layers"] == []
     (offline,) = models["offline"]["versions"]
     assert offline["status"] == "monitored" and offline["events"] == 0 and offline["last_window"] is None
+    assert offline["reference"] == {"rows": 300, "source": "bootstrap", "from_ms": 100, "to_ms": 200}
     assert models["gone"] == {"model_id": "gone", "versions": [], "open_alerts": 2}
