@@ -10,7 +10,8 @@ alike) and reports per-call latency percentiles:
 ``added_p50_us`` is monitored p50 minus plain p50. The whole table is measured twice: with
 an embedded Tansu broker up (the monitor publishes everything), then after stopping it
 (the queue fills and drops oldest rows; the monitor's ``stats()`` and the process RSS are
-recorded to show memory stays bounded by the queue).
+recorded; a soak of ``--soak-calls`` more batch-32 calls samples the RSS to show it levels off
+once the queue and the unacknowledged rows are at their bounds).
 
     python bench/overhead.py [--calls 2000] [--threads 1] [--json PATH]
 
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per model, batch and broker state")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--queue-rows", type=int, default=16_384)
+    parser.add_argument("--soak-calls", type=int, default=4000, help="batch-32 calls with the broker down (memory)")
     parser.add_argument("--state-dir", default=None, help="demo models cache (default: ./.layerwatch)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -119,6 +121,18 @@ def main() -> None:
                               f"p99 {row['monitored_p99_ms']:8.4f}  added p50 {row['added_p50_us']:7.1f} us  "
                               f"{row['stats']}", flush=True)
                 memory[state]["rss_mb_after"] = round(rss_mb(), 1)
+            # broker still down: keep serving resnet at batch 32 and watch the memory level off
+            model, shape = models["resnet"]
+            x = torch.from_numpy(rng.random((32, *shape), dtype=np.float32))
+            samples = []
+            with torch.inference_mode():
+                for i in range(args.soak_calls):
+                    monitors["resnet"](x)
+                    if i % max(1, args.soak_calls // 8) == 0:
+                        samples.append({"call": i, "rows": 32 * (i + 1), "rss_mb": round(rss_mb(), 1),
+                                        **monitors["resnet"].stats()})
+            memory["down_soak"] = samples
+            print("soak (broker down):", json.dumps(samples[-1]), flush=True)
         finally:
             for monitor in monitors.values():
                 monitor.close(timeout=1.0)
