@@ -219,6 +219,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "window_min_samples": (2, None, True, True),
     "window_count_trigger": (0, None, True, True),
     "reference_max": (2, None, True, True),
+    "reference_bootstrap": (0, None, True, True),
     "mmd_permutations": (1, None, True, True),
     "detection_repeats": (1, None, True, True),
     "detection_m": (2, None, True, True),
