@@ -29,7 +29,8 @@ _EXPORTS = {
     "load_settings": "streams.settings",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["LayerTap", "MMDTester", "Monitor", "Settings", "SettingsError", "load_settings", "top1"]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from layerwatch.monitor import Monitor, top1
