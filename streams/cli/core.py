@@ -12,7 +12,9 @@ from streams.settings import Settings
 
 def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.broker import BrokerUnavailable, EmbeddedBroker, split_bootstrap
+    from streams.shutdown import stop_on_signals
 
+    stop_on_signals("layerwatch broker")  # SIGTERM runs the `finally` below: the Tansu child stops too
     host, port = split_bootstrap(args.listen or settings.kafka_bootstrap)
     broker = EmbeddedBroker(host=host, port=port)
     try:
@@ -22,8 +24,6 @@ def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     print(f"Tansu broker (memory only) listening at {broker.bootstrap}; Ctrl-C stops it", flush=True)
     try:
         broker.process.wait()
-    except KeyboardInterrupt:
-        pass
     finally:
         broker.stop()
     return 0
@@ -76,12 +76,14 @@ def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.demo import run_demo
+    from streams.shutdown import stop_on_signals
     from workers.inference.traffic import parse_phases
 
     try:
         parse_phases(args.phases)
     except ValueError as exc:
         raise UsageError(f"layerwatch demo: {exc}") from None
+    stop_on_signals("layerwatch demo")  # SIGTERM or Ctrl-C: the LocalStack stops the children it started
     return run_demo(settings, seconds=args.seconds, summary_path=args.summary, phases=args.phases,
                     rate=args.rate, keep=args.keep)
 

@@ -51,6 +51,7 @@ def _serve(sub: Any) -> None:
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from streams.broker import require_broker
+        from streams.shutdown import SHUTDOWN_TIMEOUT_S, exit_after
 
         names = models_arg(args.models)
         if args.mc_dropout == 1:
@@ -70,7 +71,8 @@ def _serve(sub: Any) -> None:
                    bootstrap=bootstrap, predictions_topic=settings.topic("predictions"),
                    actions_topic=settings.topic("actions"), rate=args.rate or None, top_k=args.top_k,
                    return_scores=args.scores, preprocess=args.preprocess, mc_dropout=args.mc_dropout,
-                   client_config=client_config(settings), progress=True)
+                   client_config=client_config(settings), progress=True,
+                   on_stop=lambda: exit_after(SHUTDOWN_TIMEOUT_S, "the model server"))
         return 0
 
     p.set_defaults(func=run)

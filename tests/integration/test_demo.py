@@ -12,16 +12,6 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="session")
-def demo_classifier(demo_state):
-    """A small attack classifier in the session's state dir, so the demo does not train the full one."""
-    from workers.classifier.training import default_path, train
-
-    if not default_path(demo_state).exists():
-        train(demo_state, attacks=["pgd", "fgsm"], n_inputs=200, progress=False)
-    return default_path(demo_state)
-
-
 def test_demo_summary_tells_the_story(demo_state, demo_classifier, tmp_path) -> None:
     summary_path = tmp_path / "summary.json"
     env = dict(os.environ, LW_STATE_DIR=str(demo_state), LW_WEB_TOKEN="demo-token", PYTHONUNBUFFERED="1")

@@ -51,7 +51,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -521,14 +521,25 @@ class ModelServer:
         out["actions_applied"] = self.policy.actions_applied
         return out
 
-    def run(self, host: str = "127.0.0.1", port: int = 8080, print_fn: Any = None) -> None:
-        """Serve until interrupted (Ctrl-C): the blocking entry point."""
-        web.run_app(self.app, host=host, port=port, print=print_fn, access_log=None)
+    def run(self, host: str = "127.0.0.1", port: int = 8080, print_fn: Any = None,
+            on_stop: Callable[[], Any] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT (aiohttp's handlers), then publish what is pending: the blocking entry point.
+
+        ``on_stop`` is called once when the stop begins (``layerwatch serve`` starts its
+        shutdown watchdog there).
+        """
+        if on_stop is not None:
+            async def stopping(_app: web.Application) -> None:
+                on_stop()
+
+            self.app.on_shutdown.append(stopping)
+        web.run_app(self.app, host=host, port=port, print=print_fn, access_log=None, shutdown_timeout=2.0)
 
 
-def run_server(host: str = "127.0.0.1", port: int = 8080, **kwargs: Any) -> None:
-    """Build a :class:`ModelServer` from keyword arguments and serve until interrupted (``layerwatch serve``)."""
-    ModelServer(**kwargs).run(host, port, print_fn=print)
+def run_server(host: str = "127.0.0.1", port: int = 8080, on_stop: Callable[[], Any] | None = None,
+               **kwargs: Any) -> None:
+    """Build a :class:`ModelServer` from keyword arguments and serve until stopped (``layerwatch serve``)."""
+    ModelServer(**kwargs).run(host, port, print_fn=print, on_stop=on_stop)
 
 
 class ServerThread:
