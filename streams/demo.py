@@ -106,6 +106,20 @@ def _prepare(state_dir: Path, phases: str) -> None:
         train(state_dir, progress=True, attacks=DEMO_CLASSIFIER_ATTACKS)
 
 
+def _demo_identities(demo_dir: Path, clients: int = 4) -> tuple[dict[str, str], str]:
+    """API keys of the simulated clients (written to ``demo_dir/client-keys`` for the model server) and a
+    ground-truth token: the demo's clients are identified by key, not by the X-Client-Id they could forge."""
+    import secrets
+
+    names = [f"client-{i}" for i in range(clients)] + ["prober-0"]
+    keys = {name: secrets.token_urlsafe(24) for name in names}
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    path = demo_dir / "client-keys"
+    path.touch(mode=0o600)
+    path.write_text("".join(f"{key} {name}\n" for name, key in keys.items()))
+    return keys, secrets.token_urlsafe(24)
+
+
 def _live_view(state: DemoState) -> Group:
     windows = Table(title=f"windows (penultimate layer) — phase: {state.phase}", expand=False)
     for column in ("model", "window end", "n", "detection rate", "p-value"):
@@ -177,8 +191,10 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
     phases = scaled_phases(phases, seconds)
     _prepare(state_dir, phases)
     token = settings.web_token
+    client_keys, ground_truth_token = _demo_identities(demo_dir)
     with LocalStack(state_dir=state_dir, log_dir=demo_dir, clickhouse_url=f"chdb://{demo_dir / 'store'}") as stack:
-        stack.env = {"LW_WINDOW_SIZE_S": str(WINDOW_S), "LW_WINDOW_STEP_S": str(STEP_S)}
+        stack.env = {"LW_WINDOW_SIZE_S": str(WINDOW_S), "LW_WINDOW_STEP_S": str(STEP_S),
+                     "LW_CLIENT_KEYS": str(demo_dir / "client-keys"), "LW_GROUND_TRUTH_TOKEN": ground_truth_token}
         with console.status("starting the embedded broker, the worker and the model server"):
             bootstrap = stack.start_broker()
             server_port = free_port()
@@ -203,7 +219,8 @@ def run_demo(settings: Settings, seconds: float | None = None, summary_path: str
             try:
                 result["report"] = simulate(server_url, phases, rate=rate, models=models, clients=4,
                                             probing_client=True, probing_share=0.05, progress=False,
-                                            state_dir=state_dir)
+                                            state_dir=state_dir, client_keys=client_keys,
+                                            ground_truth_token=ground_truth_token)
             except Exception as exc:  # reported by the main thread
                 result["error"] = exc
 

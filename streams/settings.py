@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 SECRET_FIELDS = frozenset({"kafka_sasl_password", "clickhouse_password", "web_token", "webhook_token",
-                           "alertmanager_token"})
+                           "alertmanager_token", "ground_truth_token"})
 #: Fields holding URLs (or comma lists of them) that may embed credentials: shown with those masked.
 URL_FIELDS = ("clickhouse_url", "webhook_url", "alertmanager_url", "kafka_bootstrap")
 
@@ -55,6 +55,11 @@ class Settings:
     web_port: int = 6066
     web_token: str = _secret()
     agents: str = "all"  # all, ingest or test, or a comma list of: sink, drift, windows, classify, probing, alerts, test
+    # model server identities (workers/inference/identity.py)
+    client_keys: str = ""  # path of a file of '<key> <client id>' lines (sha256:<hex> keys allowed)
+    trust_client_id_header: bool = False  # honour X-Client-Id (only behind your own authenticating proxy)
+    require_client_key: bool = False  # every /predict request needs a known API key
+    ground_truth_token: str = _secret()  # requests writing X-Attack / X-Truth must carry it
     models: str = ""  # comma allow-list of model ids this worker accepts (empty: all); others are dead-lettered
     sink_batch_records: int = 256
     sink_within_s: float = 0.5

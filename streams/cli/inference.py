@@ -34,6 +34,31 @@ def check_port_free(host: str, port_number: int) -> None:
                          "pick another --port or stop what is using it") from None
 
 
+def read_client_keys(settings: Settings) -> str:
+    """The text of the ``LW_CLIENT_KEYS`` file ("" when unset); an unreadable file is a one-line error."""
+    if not settings.client_keys:
+        return ""
+    try:
+        with open(settings.client_keys, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"LW_CLIENT_KEYS: cannot read {settings.client_keys}: {exc.strerror}") from None
+
+
+def identity_policy(settings: Settings) -> Any:
+    """The model server's :class:`IdentityPolicy` from the settings (key file, header trust)."""
+    from workers.inference.identity import IdentityPolicy, parse_client_keys
+
+    try:
+        keys = parse_client_keys(read_client_keys(settings))
+    except ValueError as exc:
+        raise UsageError(f"LW_CLIENT_KEYS {settings.client_keys}: {exc}") from None
+    if settings.require_client_key and not keys:
+        raise UsageError("LW_REQUIRE_CLIENT_KEY is set but LW_CLIENT_KEYS lists no key")
+    return IdentityPolicy(keys=keys, trust_header=settings.trust_client_id_header,
+                          require_key=settings.require_client_key)
+
+
 @command
 def _serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the demo model server (HTTP POST /predict), publishing every prediction")
@@ -58,6 +83,7 @@ def _serve(sub: Any) -> None:
             raise UsageError("layerwatch serve: --mc-dropout 1: use 0 (off) or at least 2 passes")
         check_port_free(args.host, args.port)
         bootstrap = None if args.no_publish else settings.kafka_bootstrap
+        identity = identity_policy(settings)
         if bootstrap:
             require_broker(bootstrap)
         from workers.inference.defences import parse_preprocess  # torch: after the cheap checks
@@ -71,7 +97,8 @@ def _serve(sub: Any) -> None:
                    bootstrap=bootstrap, predictions_topic=settings.topic("predictions"),
                    actions_topic=settings.topic("actions"), rate=args.rate or None, top_k=args.top_k,
                    return_scores=args.scores, preprocess=args.preprocess, mc_dropout=args.mc_dropout,
-                   client_config=client_config(settings), progress=True,
+                   client_config=client_config(settings), progress=True, identity=identity,
+                   ground_truth_token=settings.ground_truth_token,
                    on_stop=lambda: exit_after(SHUTDOWN_TIMEOUT_S, "the model server"))
         return 0
 
@@ -164,11 +191,15 @@ def _simulate(sub: Any) -> None:
             parse_phases(args.phases)
         except ValueError as exc:
             raise UsageError(f"layerwatch simulate: {exc}") from None
+        from workers.inference.identity import keys_by_client
+
         target = args.url if args.via == "http" else settings.kafka_bootstrap
         report = simulate(target, args.phases, rate=args.rate, models=names, clients=args.clients,
                           probing_client=not args.no_probing, via=args.via, seed=args.seed,
                           state_dir=settings.state_dir, topic=settings.topic("predictions"),
-                          client_config=client_config(settings))
+                          client_config=client_config(settings),
+                          client_keys=keys_by_client(read_client_keys(settings)),
+                          ground_truth_token=settings.ground_truth_token)
         for phase in report.phases:
             print(json.dumps(phase))
         print(f"sent {report.sent} events in {report.seconds:.1f} s ({report.rate_achieved:.1f}/s), "

@@ -16,8 +16,12 @@ import pytest
 from streams.client import http_json
 from streams.stack import LocalStack
 from tests.waiting import wait_until
+from workers.inference.identity import IdentityPolicy, keys_by_client, parse_client_keys
 from workers.inference.server import ModelServer, ServerThread
 from workers.inference.traffic import publish_reference, simulate
+
+# the simulated clients identify with API keys, as a deployment's clients would
+KEYS = "\n".join(f"key-{name}-0123456789 {name}" for name in ["client-0", "client-1", "client-2", "client-3", "prober-0"])
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,10 +47,12 @@ def test_pgd_attack_is_detected_alerted_and_queryable(broker, store_url, demo_st
                    == counts["cnn"], timeout=60, message="the reference in ClickHouse")
 
         server = ModelServer(state_dir=str(demo_state), model_names=["cnn"], bootstrap=broker,
-                             predictions_topic=prefix + "predictions", actions_topic=prefix + "actions")
+                             predictions_topic=prefix + "predictions", actions_topic=prefix + "actions",
+                             identity=IdentityPolicy(keys=parse_client_keys(KEYS)), ground_truth_token="gt")
         with ServerThread(server) as running:
             report = simulate(running.url, "clean:14,pgd:12,clean:14", rate=100, models=["cnn"], clients=4,
-                              probing_client=True, progress=False, state_dir=demo_state)
+                              probing_client=True, progress=False, state_dir=demo_state,
+                              client_keys=keys_by_client(KEYS), ground_truth_token="gt")
             running.flush()
             throttled = server.policy.action_for("prober-0", "cnn")
         clean1, attack, clean2 = report.phases

@@ -15,10 +15,12 @@ Defences (seed 003):
   (405), ``too many requests`` (429, with Retry-After), ``forbidden`` (403), ``payload
   too large`` (413) or ``internal error`` (500), never a traceback; the reason of a
   4xx is also logged at INFO. ``model=`` is required when more than one model is served;
+- *identities*: the client id comes from an API key (``Authorization: Bearer`` or
+  ``X-Api-Key``, mapped by ``identity``'s key table; an unknown key gets 401), from
+  ``X-Client-Id`` only when ``identity.trust_header`` (behind a proxy of yours that sets
+  it), else from the peer address (``workers/inference/identity.py``);
 - *throttling*: a per-client token bucket counting predictions (``rate`` per second,
-  ``burst``); the client id is header ``X-Client-Id`` (default: the remote address). The
-  header is trusted as sent: in production put the server behind a proxy that
-  authenticates clients and sets it;
+  ``burst``), keyed by that client id: rotating ``X-Client-Id`` does not make new clients;
 - *actions*: an :class:`~workers.inference.actions.ActionListener` thread consumes the
   actions topic and the server throttles the client to ``throttle_rate`` or blocks it
   (403) until the action expires; ``clear`` lifts both (see ``workers.inference.actions``);
@@ -30,8 +32,9 @@ predictions topic every ``flush_every`` predictions or ``flush_interval_ms`` —
 records carry micro-batches, not single predictions. An event holds the client id, the
 outputs (softmax), the tapped layers (penultimate first, plus ``extra_layers``), event
 id, timestamp, optionally the inputs (``include_inputs``) and — only when a request
-carries ``X-Attack`` (simulation ground truth; ``accept_ground_truth``) — the attack
-name (``clean``/``none`` mean clean) and the true labels from ``X-Truth: 3,1,4``.
+carries ``X-Attack`` (simulation ground truth) with the ``ground_truth_token`` in
+``X-Ground-Truth-Token`` (403 without it) — the attack name (``clean``/``none`` mean
+clean) and the true labels from ``X-Truth: 3,1,4``.
 
 Threads: inference runs in one worker thread (torch uses its own intra-op threads),
 encoding and sending in another, Kafka actions in a third; the event loop only parses,
@@ -58,6 +61,7 @@ import torch
 from aiohttp import web
 
 from workers.inference.actions import ActionListener, ClientPolicy
+from workers.inference.identity import IdentityPolicy, UnknownKey, ground_truth_allowed
 from workers.inference.defences import (
     apply_preprocess,
     mc_dropout_uncertainty,
@@ -68,7 +72,6 @@ from workers.inference.tap import LayerTap
 
 log = logging.getLogger("layerwatch.server")
 
-MAX_CLIENT_ID = 128
 MAX_ATTACK_NAME = 64
 CLEAN_NAMES = ("", "clean", "none")
 
@@ -135,7 +138,10 @@ class ModelServer:
         include_inputs: publish the inputs in each batch (a dashboard can show them).
         flush_every, flush_interval_ms: micro-batch size / age that triggers a publish.
         max_batch: the most inputs one request may carry.
-        accept_ground_truth: honour X-Attack / X-Truth (simulation only).
+        identity: how a request's client id is decided (default: API keys none, X-Client-Id
+            not trusted, so the peer address); see workers/inference/identity.py.
+        ground_truth_token: requests carrying X-Attack / X-Truth (simulation ground truth)
+            must carry this token in X-Ground-Truth-Token; empty: none may.
         client_config: extra kafka-python settings (security) for producer and consumer.
         torch_threads: torch intra-op CPU threads for the process, set when the server starts
             (None: leave). One thread serves small batches of tiny models fastest and does not
@@ -168,7 +174,8 @@ class ModelServer:
         flush_interval_ms: int = 200,
         max_batch: int = 1024,
         max_body_bytes: int = 4 * 1024 * 1024,
-        accept_ground_truth: bool = True,
+        identity: IdentityPolicy | None = None,
+        ground_truth_token: str = "",
         listen_actions: bool = True,
         client_config: Mapping[str, Any] | None = None,
         torch_threads: int | None = 1,
@@ -196,7 +203,8 @@ class ModelServer:
         self.flush_interval = max(0.005, flush_interval_ms / 1000.0)
         self.max_batch = int(max_batch)
         self.max_body_bytes = int(max_body_bytes)
-        self.accept_ground_truth = accept_ground_truth
+        self.identity = identity or IdentityPolicy()
+        self.ground_truth_token = ground_truth_token
         self.client_config = dict(client_config or {})
         self.torch_threads = torch_threads
         self.policy = ClientPolicy(rate, burst, throttle_rate, throttle_burst)
@@ -238,7 +246,7 @@ class ModelServer:
         self._flusher: asyncio.Task | None = None
         self._publishing: set[asyncio.Future] = set()
         self.counters: dict[str, int] = {"requests": 0, "predictions": 0, "published": 0, "publish_failures": 0,
-                                         "rejected_400": 0, "rejected_403": 0, "rejected_404": 0,
+                                         "rejected_400": 0, "rejected_401": 0, "rejected_403": 0, "rejected_404": 0,
                                          "rejected_429": 0, "errors_500": 0}
         self.app = self._make_app()
 
@@ -257,7 +265,7 @@ class ModelServer:
         try:
             return await handler(request)
         except web.HTTPException as exc:
-            messages = {400: "bad request", 403: "forbidden", 404: "not found", 405: "method not allowed",
+            messages = {400: "bad request", 401: "unauthorized", 403: "forbidden", 404: "not found", 405: "method not allowed",
                         413: "payload too large", 429: "too many requests"}
             if exc.status < 400:
                 raise
@@ -328,7 +336,11 @@ class ModelServer:
 
     async def _predict(self, request: web.Request) -> web.Response:
         self.counters["requests"] += 1
-        client = self._client_id(request)
+        try:
+            client = self.identity.client_id(request.headers, request.remote)
+        except UnknownKey as exc:
+            log.info("unauthorized request from %s: %s", request.remote, exc)
+            raise _reject(web.HTTPUnauthorized, f"{exc} (X-Api-Key or Authorization: Bearer)") from None
         name = request.query.get("model")
         if name is None:
             if len(self.models) > 1:
@@ -372,12 +384,6 @@ class ModelServer:
             body["scores"] = np.round(probs.astype(np.float64), 6).tolist()
         return web.json_response(body)
 
-    def _client_id(self, request: web.Request) -> str:
-        header = request.headers.get("X-Client-Id", "").strip()
-        if header and len(header) <= MAX_CLIENT_ID and header.isprintable():
-            return header
-        return request.remote or "unknown"
-
     async def _parse_inputs(self, request: web.Request, shape: tuple[int, ...]) -> np.ndarray:
         size = int(np.prod(shape))
         raw = await request.read()  # over max_body_bytes: 413 from aiohttp
@@ -410,8 +416,13 @@ class ModelServer:
         return np.clip(array.reshape(-1, *shape), 0.0, 1.0).astype(np.float32, copy=False)
 
     def _ground_truth(self, request: web.Request, n: int) -> tuple[list[str] | None, np.ndarray | None]:
-        if not self.accept_ground_truth or "X-Attack" not in request.headers:
+        if "X-Attack" not in request.headers and "X-Truth" not in request.headers:
             return None, None
+        if not ground_truth_allowed(request.headers, self.ground_truth_token):
+            # only the simulator, holding the token, writes ground truth
+            raise _reject(web.HTTPForbidden, "headers X-Attack/X-Truth: expected X-Ground-Truth-Token")
+        if "X-Attack" not in request.headers:
+            raise BadRequest("X-Truth without X-Attack")
         attack = request.headers["X-Attack"].strip()
         if len(attack) > MAX_ATTACK_NAME or not attack.isprintable():
             raise BadRequest(f"header X-Attack: expected a printable name of at most {MAX_ATTACK_NAME} characters")

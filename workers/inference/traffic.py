@@ -11,8 +11,9 @@
   keep receiving clean traffic). Normal clients share the traffic with one probing
   client that sends one test image plus tiny noise over and over (seed 003's
   "many highly similar but nonidentical inputs"). Ground truth travels with the
-  events: header ``X-Attack`` (``clean``, a preset name, or ``probe`` for the probing
-  client) and ``X-Truth`` (the true labels).
+  events when the simulator holds the server's ground-truth token: header ``X-Attack``
+  (``clean``, a preset name, or ``probe`` for the probing client) and ``X-Truth`` (the
+  true labels). Each client identifies with its API key when given one.
 """
 
 from __future__ import annotations
@@ -250,6 +251,8 @@ def simulate(
     topic: str = "lw.predictions",
     concurrency: int = 16,
     client_config: Mapping[str, Any] | None = None,
+    client_keys: Mapping[str, str] | None = None,
+    ground_truth_token: str = "",
 ) -> SimulationReport:
     """Send phased clean/adversarial traffic at ``rate`` events/s; return what was sent per phase.
 
@@ -258,6 +261,10 @@ def simulate(
     publishing through :class:`Publisher` (no server, no rate limit, no actions).
     ``seed`` drives the traffic (clients, models, inputs, noise); ``model_seed`` names the
     shared split, the demo models and the cached attack sets in ``state_dir``.
+    Over HTTP, ``client_keys`` ({client id: API key}) gives each simulated client the key
+    the server maps to its id (clients without one send ``X-Client-Id``, which only a
+    server trusting the header honours), and ``ground_truth_token`` lets the requests
+    carry the attack name and true labels (without it they carry none).
     """
     if via not in ("http", "publisher"):
         raise ValueError(f"via must be 'http' or 'publisher', got {via!r}")
@@ -280,7 +287,8 @@ def simulate(
     plan = _plan(parsed, rate, models, clients, probing_client, probing_share, batch_size, attack_sets, seed,
                  model_seed)
     if via == "http":
-        outcome = asyncio.run(_run_http(url_or_bootstrap.rstrip("/"), plan, parsed, concurrency, progress))
+        outcome = asyncio.run(_run_http(url_or_bootstrap.rstrip("/"), plan, parsed, concurrency, progress,
+                                        dict(client_keys or {}), ground_truth_token))
     else:
         outcome = _run_publisher(url_or_bootstrap, plan, parsed, models, state_dir, model_seed, topic, progress,
                                  dict(client_config or {}))
@@ -325,7 +333,7 @@ class _Bar:
 
 
 async def _run_http(url: str, plan: list[_Request], phases: list[Phase], concurrency: int,
-                    progress: bool) -> _Outcome:
+                    progress: bool, client_keys: Mapping[str, str], ground_truth_token: str) -> _Outcome:
     import aiohttp
 
     status = [0] * len(plan)
@@ -334,13 +342,14 @@ async def _run_http(url: str, plan: list[_Request], phases: list[Phase], concurr
     total = sum(len(r.truth) for r in plan)
 
     async def send(session: aiohttp.ClientSession, i: int, req: _Request) -> None:
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "X-Shape": ",".join(str(d) for d in req.x.shape),
-            "X-Client-Id": req.client,
-            "X-Attack": req.attack,
-            "X-Truth": ",".join(str(int(t)) for t in req.truth),
-        }
+        headers = {"Content-Type": "application/octet-stream", "X-Shape": ",".join(str(d) for d in req.x.shape)}
+        if req.client in client_keys:  # the identity the server relies on
+            headers["X-Api-Key"] = client_keys[req.client]
+        else:  # honoured only by a server that trusts the header
+            headers["X-Client-Id"] = req.client
+        if ground_truth_token:
+            headers.update({"X-Ground-Truth-Token": ground_truth_token, "X-Attack": req.attack,
+                            "X-Truth": ",".join(str(int(t)) for t in req.truth)})
         try:
             async with session.post(f"{url}/predict", params={"model": req.model},
                                     data=req.x.astype("<f4").tobytes(), headers=headers) as response:

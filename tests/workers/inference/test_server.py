@@ -14,6 +14,7 @@ from schemas.codec import decode_batch, encode
 from tests.waiting import wait_until
 from tests.workers.inference.conftest import consume_all, http, post_json
 from workers.inference.data import demo_split
+from workers.inference.identity import IdentityPolicy
 from workers.inference.server import ModelServer, ServerThread
 
 SPLIT = demo_split(0)
@@ -24,7 +25,7 @@ Y = np.array(SPLIT.y_test[:16])
 @pytest.fixture(scope="module")
 def plain(demo_models):
     """A server without Kafka, generous limits."""
-    with ServerThread(ModelServer(demo_models, rate=None)) as running:
+    with ServerThread(ModelServer(demo_models, rate=None, ground_truth_token="gt")) as running:
         yield running
 
 
@@ -69,7 +70,7 @@ def test_top_k_and_scores_only_when_configured(demo_models):
         (b"\x00" * 256, {"Content-Type": "application/octet-stream", "X-Shape": "one,64"}),
         (b"\x00" * 256, {"Content-Type": "application/octet-stream"}),
         (json.dumps({"inputs": [[0.5] * 64] * 2}).encode(),
-         {"Content-Type": "application/json", "X-Attack": "pgd", "X-Truth": "1,2,3"}),
+         {"Content-Type": "application/json", "X-Attack": "pgd", "X-Truth": "1,2,3", "X-Ground-Truth-Token": "gt"}),
     ],
 )
 def test_malformed_requests_get_a_400_saying_what_was_wrong(plain, body, headers):
@@ -94,7 +95,7 @@ def test_other_errors_are_terse_too(plain):
 
 
 def test_per_client_token_bucket(demo_models):
-    server = ModelServer({"cnn": demo_models["cnn"]}, rate=2.0, burst=10)
+    server = ModelServer({"cnn": demo_models["cnn"]}, rate=2.0, burst=10, identity=IdentityPolicy(trust_header=True))
     with ServerThread(server) as running:
         url = f"{running.url}/predict"
         codes = [post_json(url, X[:4].reshape(4, 64).tolist(), {"X-Client-Id": "greedy"})[0] for _ in range(3)]
@@ -115,7 +116,8 @@ def _produce_action(broker: str, topic: str, **action) -> None:
 @pytest.mark.integration
 def test_block_and_throttle_actions_from_kafka(broker, topic, demo_models):
     server = ModelServer({"cnn": demo_models["cnn"]}, bootstrap=broker, actions_topic=topic,
-                         predictions_topic=topic + ".predictions", rate=None, throttle_rate=0.5, throttle_burst=4)
+                         predictions_topic=topic + ".predictions", rate=None, throttle_rate=0.5, throttle_burst=4,
+                         identity=IdentityPolicy(trust_header=True))
     with ServerThread(server) as running:
         url = f"{running.url}/predict"
 
@@ -150,13 +152,14 @@ def test_predictions_are_published_as_micro_batches(broker, topic, demo_models):
     server = ModelServer({"cnn": demo_models["cnn"], "mlp": demo_models["mlp"]}, bootstrap=broker,
                          predictions_topic=topic, actions_topic=topic + ".actions", rate=None,
                          extra_layers={"cnn": ["block2"]}, mc_dropout=4, preprocess="bitdepth:5",
-                         flush_every=64, flush_interval_ms=60_000)
+                         flush_every=64, flush_interval_ms=60_000, identity=IdentityPolicy(trust_header=True),
+                         ground_truth_token="gt")
     sent_ids = []
     with ServerThread(server) as running:
         for i in range(8):  # 8 requests x 16 = 128 predictions -> two records of 64 when flushed by size
             status, _, body = http(f"{running.url}/predict?model=cnn", X.astype("<f4").tobytes(),
                                    {"Content-Type": "application/octet-stream", "X-Shape": "16,64",
-                                    "X-Client-Id": f"client-{i % 2}", "X-Attack": "pgd",
+                                    "X-Client-Id": f"client-{i % 2}", "X-Attack": "pgd", "X-Ground-Truth-Token": "gt",
                                     "X-Truth": ",".join(map(str, Y))})
             assert status == 200
             sent_ids += body["event_ids"]
