@@ -165,12 +165,11 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
                     metrics.records.labels(d.topic).inc()
                     metrics.events.labels(d.batch.model_id, d.batch.role).inc(d.batch.n)
                 if "sink" in runtime.agents and good:
-                    try:
-                        await _write_step(runtime, good)
-                    except RowsRejected as exc:
-                        for value, topic, partition, offset, _ in raw:
-                            await runtime.dead_letter(dead_letter(value, str(exc), topic, partition, offset))
-                        continue
+                    good, rejected = await _write_or_split(runtime, good)
+                    values = {(t, p, o): v for v, t, p, o, _ in raw}
+                    for d, reason in rejected:
+                        await runtime.dead_letter(dead_letter(values[(d.topic, d.partition, d.offset)], reason,
+                                                              d.topic, d.partition, d.offset))
                 await pipeline.submit(events, good)
                 runtime.health_board.clear("ingest")
         except Exception as exc:
@@ -178,12 +177,36 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
             raise
 
 
-async def _write_step(runtime: Runtime, good: Sequence[R.Delivered]) -> None:
+async def _write_or_split(runtime: Runtime, good: list[R.Delivered]
+                          ) -> tuple[list[R.Delivered], list[tuple[R.Delivered, str]]]:
+    """Write one step; when the store refuses it, write record by record: (stored, [(refused, reason)]).
+
+    Only the records whose rows the store refuses are dead-lettered; the others of the same
+    step are stored and go on to the stages (a record written twice is one row under FINAL).
+    """
+    try:
+        await _write_step(runtime, good, count_rejected=len(good) == 1)
+        return good, []
+    except RowsRejected as exc:
+        if len(good) == 1:
+            return [], [(good[0], str(exc))]
+    stored, rejected = [], []
+    for d in good:
+        try:
+            await _write_step(runtime, [d])
+            stored.append(d)
+        except RowsRejected as exc:
+            rejected.append((d, str(exc)))
+    return stored, rejected
+
+
+async def _write_step(runtime: Runtime, good: Sequence[R.Delivered], count_rejected: bool = True) -> None:
     live = [d for d in good if d.batch.role == "live"]
     reference = [d for d in good if d.batch.role == "reference"]
-    await runtime.writer.write("predictions", R.prediction_rows(good))
-    await runtime.writer.write("predictions_inputs", R.input_rows(live))
-    await runtime.writer.write("reference_embeddings", R.reference_rows(reference))
+    w = runtime.writer
+    await w.write("predictions", R.prediction_rows(good), count_rejected=count_rejected)
+    await w.write("predictions_inputs", R.input_rows(live), count_rejected=count_rejected)
+    await w.write("reference_embeddings", R.reference_rows(reference), count_rejected=count_rejected)
 
 
 def result_rows(records: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

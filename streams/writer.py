@@ -58,8 +58,12 @@ class StoreWriter:
     def healthy(self) -> bool:
         return not self.degraded_reason
 
-    async def write(self, table: str, columns: dict[str, Any]) -> None:
-        """Insert the columns; on an outage wait and retry until the store is back."""
+    async def write(self, table: str, columns: dict[str, Any], count_rejected: bool = True) -> None:
+        """Insert the columns; on an outage wait and retry until the store is back.
+
+        ``count_rejected=False``: the caller retries refused rows in smaller parts, so they
+        are not counted in ``layerwatch_rows_rejected_total`` yet.
+        """
         if not columns:
             return
         loop = asyncio.get_running_loop()
@@ -74,7 +78,8 @@ class StoreWriter:
             except StoreError as exc:
                 self._failed(table, exc)
                 if attempt >= self.max_attempts_on_error:
-                    self.metrics.rows_rejected.labels(table).inc(n_rows)
+                    if count_rejected:
+                        self.metrics.rows_rejected.labels(table).inc(n_rows)
                     self.degraded_reason = ""
                     raise RowsRejected(table, n_rows, exc) from exc
             else:

@@ -8,12 +8,14 @@ Facts that shape it (chDB 4.4 / chdb-core 26.9):
   store keeps a writer session and, lazily, a read-only session.
 - ``async_insert`` is on by default: each session turns it off so a read right
   after a write sees the rows.
-- Inserts go as one Arrow IPC stream through ``send_insert(..., 'ArrowStream')``.
-  Measured on 64k predictions rows, the engine side is as fast as
-  ``INSERT ... SELECT * FROM Python(arrow_table)`` (~38 ms each), without its
-  caveat: ``Python(name)`` finds ``name`` by walking Python frames, and with
-  concurrent callers it inserted another thread's variable in a test. Passing
-  a pandas DataFrame to ``Python()`` also turned NaN into NULL (then 0).
+- Inserts go as ``INSERT ... SELECT ... FROM Python(<arrow table>)``. The
+  streaming ``send_insert(..., 'ArrowStream')`` is as fast but swallows the
+  engine's errors: a row refused by a CHECK constraint or a cast is dropped
+  while ``finish()`` reports it written (chDB 4.4; tests/reliability/
+  test_no_silent_loss.py). ``Python(name)`` finds ``name`` by walking Python
+  frames, so the table is bound under a name unique to the call (another
+  thread's insert can never be picked up). A pandas DataFrame would turn NaN
+  into NULL (then 0): the table is Arrow.
 - Results come back in ``Native`` format and are decoded by clickhouse-driver's
   column readers (``streams.store.native``), so both backends return the same
   Python values.
@@ -24,6 +26,7 @@ Facts that shape it (chDB 4.4 / chdb-core 26.9):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import sys
@@ -39,6 +42,8 @@ from .base import ReadonlyLimits, Store, columns_sql, datetimes_to_utc
 from .columns import ArrayData, Column
 from .errors import StoreError, error_code
 from .native import decode_native
+
+_insert_ids = itertools.count()
 
 _SESSION_SETTINGS = (
     "SET async_insert = 0",
@@ -170,21 +175,20 @@ class ChdbStore(Store):
         import pyarrow as pa
 
         arrow = pa.table({c.name: _arrow_column(c) for c in columns})
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, arrow.schema) as writer:
-            writer.write_table(arrow, max_chunksize=65536)
-        payload = sink.getvalue().to_pybytes()
-        query = f"INSERT INTO {_sql.quote_table(table)} {columns_sql(columns)}"
+        name = f"_lw_insert_{next(_insert_ids)}"
+        names = columns_sql(columns)
+        query = f"INSERT INTO {_sql.quote_table(table)} {names} SELECT {names[1:-1]} FROM Python({name})"
         with self._lock:
             self._check_open()
+            globals()[name] = arrow  # Python(name) looks the table up in this module's globals
             try:
-                with self._session.send_insert(query, "ArrowStream") as ins:
-                    ins.append(payload)
-                    ins.finish()
+                self._session.query(query)
             except Exception as e:  # noqa: BLE001
                 msg = str(e).strip()
                 raise StoreError(f"chDB insert into {table!r} failed: {msg.splitlines()[0] if msg else e}",
                                  code=error_code(msg)) from e
+            finally:
+                del globals()[name]
 
     def close(self) -> None:
         with self._lock:
