@@ -44,14 +44,18 @@ class RowsRejected(StoreError):
 
 
 class StoreWriter:
-    """Serialises store writes on one thread (clickhouse-driver is one client per thread)."""
+    """Serialises store writes on one thread (clickhouse-driver is one client per thread); reads on others."""
 
-    def __init__(self, store: Store, metrics: Metrics, *, max_backoff_s: float = 5.0, max_attempts_on_error: int = 3):
+    def __init__(self, store: Store, metrics: Metrics, *, max_backoff_s: float = 5.0, max_attempts_on_error: int = 3,
+                 query_threads: int = 2):
         self.store = store
         self.metrics = metrics
         self.max_backoff_s = max_backoff_s
         self.max_attempts_on_error = max_attempts_on_error
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-store")
+        # read-only queries of the API and dashboard: their own threads, hence their own store
+        # connections (a chDB read-only session per thread), so a slow query never holds up a write
+        self.query_executor = ThreadPoolExecutor(max_workers=query_threads, thread_name_prefix="lw-query")
         self.degraded_reason = ""
 
     @property
@@ -105,12 +109,14 @@ class StoreWriter:
         return await loop.run_in_executor(self.executor, lambda: self.store.query(sql, params, **kwargs))
 
     async def query_columns(self, sql: str, params: dict | None = None) -> tuple[list[str], list[list]]:
-        """A read-only query for the HTTP API: column names and JSON-ready rows."""
+        """A read-only query for the HTTP API and the dashboard, on a query thread: names and JSON-ready rows."""
         loop = asyncio.get_running_loop()
         names, rows = await loop.run_in_executor(
-            self.executor, lambda: self.store.query_columns(sql, params, readonly=True)
+            self.query_executor, lambda: self.store.query_columns(sql, params, readonly=True)
         )
         return list(names), [[jsonable(v) for v in row] for row in rows]
 
     def close(self) -> None:
+        """Finish the writes in flight; queries in flight are left to the store's close."""
+        self.query_executor.shutdown(wait=False, cancel_futures=True)
         self.executor.shutdown(wait=True)

@@ -44,6 +44,7 @@ class ReadonlyLimits:
     max_execution_time: int = 30  # seconds
     max_memory_usage: int = 1024 * 1024 * 1024  # bytes per query (an aggregation past it fails, the worker lives)
     max_rows_to_read: int = 1_000_000_000
+    max_threads: int = 1  # a user query takes one core; ingestion keeps the other
 
     def settings(self) -> dict[str, Any]:
         """ClickHouse settings enforcing these limits (readonly last: nothing can change them after it)."""
@@ -56,6 +57,7 @@ class ReadonlyLimits:
             "max_memory_usage": int(self.max_memory_usage),
             "max_rows_to_read": int(self.max_rows_to_read),
             "read_overflow_mode": "throw",
+            "max_threads": int(self.max_threads),
             "readonly": 1,
         }
 

@@ -20,7 +20,11 @@ Facts that shape it (chDB 4.4 / chdb-core 26.9):
   column readers (``streams.store.native``), so both backends return the same
   Python values.
 - ``SET readonly = 1`` is per session and cannot be undone from inside, so the
-  read-only session is separate and configured once with the limits.
+  read-only sessions are separate and configured once with the limits.
+- Sessions on one path run queries at the same time (the engine releases the
+  GIL): each thread that reads gets its own read-only session, and reads never
+  wait for the writer's lock, so a 30 s query does not stall inserts
+  (bench/query_isolation.py).
 """
 
 from __future__ import annotations
@@ -87,9 +91,11 @@ class ChdbStore(Store):
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create chDB directory {self.path}: {e}") from e
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the writer session
         self._session = self._open_session()
-        self._ro_session: Any = None
+        self._ro_local = threading.local()  # this thread's (session, lock) for read-only queries
+        self._ro_sessions: list[tuple[Any, threading.Lock]] = []
+        self._ro_guard = threading.Lock()
         self._closed = False
 
     # --------------------------------------------------------------- sessions
@@ -123,12 +129,18 @@ class ChdbStore(Store):
             raise StoreError(f"cannot configure chDB session: {e}", code=error_code(str(e))) from e
         return session
 
-    def _readonly_session(self) -> Any:
-        if self._ro_session is None:
+    def _readonly_session(self) -> tuple[Any, threading.Lock]:
+        """This thread's read-only session and its lock (held while it runs and while it closes)."""
+        entry = getattr(self._ro_local, "entry", None)
+        if entry is None:
             limits = self.readonly_limits.settings()
             stmts = tuple(f"SET {k} = {_sql.render_value(v)}" for k, v in limits.items())
-            self._ro_session = self._open_session(stmts)
-        return self._ro_session
+            entry = (self._open_session(stmts), threading.Lock())
+            with self._ro_guard:
+                self._check_open()
+                self._ro_sessions.append(entry)
+            self._ro_local.entry = entry
+        return entry
 
     def _check_open(self) -> None:
         if self._closed:
@@ -138,9 +150,13 @@ class ChdbStore(Store):
 
     def _execute(self, sql: str, *, readonly: bool = False, want_names: bool = True
                  ) -> tuple[list[str], list[str], list[tuple]]:
-        with self._lock:
+        if readonly:  # this thread's own session: never waits for the writer
             self._check_open()
-            session = self._readonly_session() if readonly else self._session
+            session, lock = self._readonly_session()
+        else:
+            session, lock = self._session, self._lock
+        with lock:
+            self._check_open()
             try:
                 payload = session.query(sql, "Native").bytes()
             except Exception as e:  # noqa: BLE001
@@ -191,17 +207,17 @@ class ChdbStore(Store):
                 del globals()[name]
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._ro_guard:
             if self._closed:
                 return
             self._closed = True
-            for s in (self._ro_session, self._session):
-                if s is not None:
+            entries, self._ro_sessions = self._ro_sessions, []
+            for session, lock in [*entries, (self._session, self._lock)]:
+                with lock:  # a read in flight finishes first
                     try:
-                        s.close()
+                        session.close()
                     except Exception:  # noqa: BLE001 - closing must not raise
                         pass
-            self._ro_session = None
             self._session = None
 
     def __del__(self) -> None:
