@@ -44,6 +44,8 @@ class Metrics:
         self.stage_retries = Counter("layerwatch_stage_retries_total", "Ingest steps retried after a stage failed",
                                      ["stage"], registry=r)
         self.store_up = Gauge("layerwatch_store_up", "1 when the last store write succeeded", registry=r)
+        self.window_keys = Gauge("layerwatch_window_keys", "Model versions with windows in this worker", registry=r)
+        self.window_bytes = Gauge("layerwatch_window_bytes", "Bytes held by open windows in this worker", registry=r)
         self.detection_rate = Gauge(
             "layerwatch_detection_ratio", "LADIS detection rate (0..1) of the last window tested",
             ["model_id", "layer"], registry=r,

@@ -133,6 +133,11 @@ class Reservoir:
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the sample's arrays (allocated at capacity on the first add)."""
+        return sum(v.nbytes for v in (self._cols or {}).values()) + self._ids.nbytes
+
     def _check(self, columns: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         cols = {name: np.asarray(v) for name, v in columns.items()}
         for name, v in cols.items():
@@ -446,6 +451,10 @@ class WindowManager:
     def drop(self, key: WindowKey) -> bool:
         """Forget every open window of ``key`` (its events now go to another worker); False when none."""
         return self._keys.pop(key, None) is not None
+
+    def nbytes(self) -> int:
+        """Bytes held by every key's open windows and carry-over reservoir."""
+        return sum(r.nbytes for st in self._keys.values() for r in (*st.open.values(), st.carry) if r is not None)
 
     def open_windows(self, key: WindowKey) -> list[tuple[int, int]]:
         """(start_ms, end_ms) of the key's open windows, oldest first."""

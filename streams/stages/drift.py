@@ -85,6 +85,8 @@ class DriftStage:
         self._ready.set()
         self._tasks: list[asyncio.Task] = []
         self._partitions: dict[Key, set[int]] = {}  # the predictions partitions each key's events came from
+        self.metrics.window_keys.set_function(lambda: len(self.windows.keys()))  # read when /metrics is scraped
+        self.metrics.window_bytes.set_function(self.windows.nbytes)
 
     # -- Stage protocol
     async def start(self) -> None:
