@@ -46,15 +46,25 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+def _libc() -> Any:
+    """libc, loaded in the parent: the child between fork and exec only calls into it (no dlopen there)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
 def die_with_parent() -> None:
     """Child-side (``preexec_fn``): SIGTERM me when my parent dies; my own process group."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     os.setpgrp()
 
 
