@@ -7,7 +7,8 @@ The public API for an inference server, importable without the worker's dependen
 - :func:`top1` — labels only, for answering clients without scores;
 - :class:`LayerTap` — the layer-activation hooks Monitor uses;
 - :class:`MMDTester` — the kernel two-sample tests the worker runs (LADIS);
-- :class:`Settings`, :func:`load_settings` — the ``LW_*`` settings.
+- :class:`Settings`, :func:`load_settings` — the ``LW_*`` settings;
+- :class:`IdentityPolicy` — who is asking: an API key, a trusted proxy's ``X-Client-Id``, else the peer.
 
 Names are imported on first use, so ``import layerwatch`` itself costs next to nothing.
 """
@@ -27,14 +28,18 @@ _EXPORTS = {
     "Settings": "streams.settings",
     "SettingsError": "streams.settings",
     "load_settings": "streams.settings",
+    "IdentityPolicy": "workers.inference.identity",
+    "UnknownKey": "workers.inference.identity",
 }
 
-__all__ = ["LayerTap", "MMDTester", "Monitor", "Settings", "SettingsError", "load_settings", "top1"]
+__all__ = ["IdentityPolicy", "LayerTap", "MMDTester", "Monitor", "Settings", "SettingsError", "UnknownKey",
+           "load_settings", "top1"]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from layerwatch.monitor import Monitor, top1
     from streams.settings import Settings, SettingsError, load_settings
+    from workers.inference.identity import IdentityPolicy, UnknownKey
     from workers.inference.tap import LayerTap
     from workers.mmd.tester import MMDTester
 

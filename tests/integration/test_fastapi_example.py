@@ -74,7 +74,8 @@ def test_fastapi_app_is_monitored_end_to_end(broker: str, chdb_url: str, tmp_pat
         log = open(tmp_path / "uvicorn.log", "wb")
         app = subprocess.Popen([sys.executable, "-m", "uvicorn", "fastapi_app:app", "--app-dir", str(EXAMPLE.parent),
                                 "--port", str(port), "--log-level", "warning"],
-                               env={**stack.child_env(), "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+                               env={**stack.child_env(), "PYTHONPATH": str(ROOT),
+                                    "LW_TRUST_CLIENT_ID_HEADER": "true"}, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
             _, url = stack.start_worker()
