@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from workers.classifier.dataset import CLEAN, AttackDataset, _cache_root, _pool, build_dataset, classifier_dir
+from workers.classifier.dataset import (
+    CLEAN,
+    AttackDataset,
+    _cache_root,
+    _pool,
+    build_dataset,
+    classifier_dir,
+)
 from workers.progress import progress_bar
 
 

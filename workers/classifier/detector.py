@@ -38,9 +38,10 @@ import json
 import os
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,13 @@ from workers.classifier.features import (
     log_probabilities,
     output_stats,
 )
-from workers.classifier.model import ALLOWED_LOADERS, ALLOWED_TYPES, UntrustedClassifierError, _atomic_write, _schema_types
+from workers.classifier.model import (
+    ALLOWED_LOADERS,
+    ALLOWED_TYPES,
+    UntrustedClassifierError,
+    _atomic_write,
+    _schema_types,
+)
 
 FORMAT = "layerwatch.detector/1"
 PENULTIMATE = "penultimate"
@@ -96,7 +103,7 @@ class Events:
     uncertainty: np.ndarray | None = None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], what: str = "events") -> "Events":
+    def from_dict(cls, d: Mapping[str, Any], what: str = "events") -> Events:
         try:
             outputs, embeddings = d["outputs"], d["embeddings"]
         except KeyError as exc:
@@ -105,7 +112,7 @@ class Events:
 
     @classmethod
     def make(cls, outputs: Any, embeddings: Any, layers: Mapping[str, Any] | None = None,
-             uncertainty: Any = None, what: str = "events") -> "Events":
+             uncertainty: Any = None, what: str = "events") -> Events:
         outputs = np.asarray(outputs, dtype=np.float32)
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if outputs.ndim != 2 or outputs.shape[1] < 2:
@@ -131,12 +138,12 @@ class Events:
     def layer(self, name: str) -> np.ndarray:
         return self.embeddings if name == PENULTIMATE else self.layers[name]
 
-    def subset(self, idx: np.ndarray) -> "Events":
+    def subset(self, idx: np.ndarray) -> Events:
         return Events(self.outputs[idx], self.embeddings[idx], {k: v[idx] for k, v in self.layers.items()},
                       None if self.uncertainty is None else self.uncertainty[idx])
 
     @classmethod
-    def concat(cls, parts: list["Events"]) -> "Events":
+    def concat(cls, parts: list[Events]) -> Events:
         unc = [p.uncertainty for p in parts]
         return cls(np.concatenate([p.outputs for p in parts]), np.concatenate([p.embeddings for p in parts]),
                    {k: np.concatenate([p.layers[k] for p in parts]) for k in parts[0].layers},
@@ -293,7 +300,7 @@ class Detector:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Detector":
+    def load(cls, path: str | os.PathLike) -> Detector:
         """Load a detector saved by :meth:`save`; files naming types outside the allow-list are refused."""
         import skops.io as sio
 
@@ -412,7 +419,7 @@ def _fit_detector(clean: Mapping[str, Any], adversarial: Mapping[str, Any], *, k
         "target_fpr": target_fpr, "raw_threshold": det.raw_threshold,
         "oof_clean_fpr": float((cal_oof[~y] > det.raw_threshold).mean()),
         "oof_adversarial_tpr": float((cal_oof[y] > det.raw_threshold).mean()),
-        "n_clean": int(len(c)), "n_adversarial": int(len(a)), "attacks": sorted(set(attack.tolist())),
+        "n_clean": len(c), "n_adversarial": len(a), "attacks": sorted(set(attack.tolist())),
         "fitted_at": stamp, "fit_seconds": round(time.perf_counter() - started, 3),
     }
     return det
@@ -425,7 +432,18 @@ def fit_reference_detector(clean: Mapping[str, Any], *, target_fpr: float = DEFA
 
     A seeded ``holdout`` share of the rows is kept out of the Gaussians; the distances'
     standardisation and the threshold (``target_fpr`` of them flagged) come from those rows.
+    A reference that kept only the top-1 class per event (the stream's ``reference_embeddings``)
+    may give ``"predicted"`` (n,) and ``"n_classes"`` instead of ``"outputs"``: the score
+    uses the outputs only through their top-1 class.
     """
+    if "outputs" not in clean and "predicted" in clean:
+        predicted = np.asarray(clean["predicted"], dtype=np.int64)
+        n_classes = int(clean.get("n_classes") or predicted.max() + 1)
+        if predicted.min(initial=0) < 0 or predicted.max(initial=0) >= n_classes:
+            raise ValueError(f"reference: predicted classes must lie in [0, {n_classes})")
+        onehot = np.full((len(predicted), n_classes), 0.01 / max(n_classes - 1, 1), np.float32)
+        onehot[np.arange(len(predicted)), predicted] = 0.99
+        clean = {**clean, "outputs": onehot}
     c = Events.from_dict(clean, "reference")
     if len(c) < 20:
         raise ValueError(f"a reference detector needs at least 20 reference rows, got {len(c)}")
@@ -433,7 +451,7 @@ def fit_reference_detector(clean: Mapping[str, Any], *, target_fpr: float = DEFA
     uses_unc = c.uncertainty is not None
     groups = _groups(clean.get("groups"), None, len(c), 0, seed)
     ids = np.unique(groups)
-    held_ids = np.random.default_rng(seed).permutation(ids)[: max(1, int(round(holdout * len(ids))))]
+    held_ids = np.random.default_rng(seed).permutation(ids)[: max(1, round(holdout * len(ids)))]
     held = np.isin(groups, held_ids)
     det = Detector()
     det.layers, det.n_classes, det.uses_uncertainty = layers, c.outputs.shape[1], uses_unc
@@ -443,7 +461,7 @@ def fit_reference_detector(clean: Mapping[str, Any], *, target_fpr: float = DEFA
     det.meta = {"format": FORMAT, "kind": "unsupervised", "seed": seed, "features_version": FEATURES_VERSION,
                 "version": f"ref-{stamp}-{hashlib.sha256(c.embeddings.tobytes()).hexdigest()[:12]}",
                 "feature_names": det.feature_names, "model_id": model_id, "model_version": model_version,
-                "target_fpr": target_fpr, "n_reference": int(len(c)), "n_held_out": int(held.sum()),
+                "target_fpr": target_fpr, "n_reference": len(c), "n_held_out": int(held.sum()),
                 "fitted_at": stamp}
     return det
 
@@ -508,7 +526,7 @@ def _fit_unsupervised(x_clean_held: np.ndarray, names: list[str], target_fpr: fl
     s = ((sub - location) / spread).mean(axis=1)
     return {"columns": cols, "location": location.astype(np.float32), "spread": spread.astype(np.float32),
             "threshold": float(np.quantile(s, 1.0 - target_fpr)), "scale": float(max(s.std(), 1e-6)),
-            "held_out_fpr": float((s > np.quantile(s, 1.0 - target_fpr)).mean()), "n_held_out": int(len(s))}
+            "held_out_fpr": float((s > np.quantile(s, 1.0 - target_fpr)).mean()), "n_held_out": len(s)}
 
 
 def _fit_platt(raw: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[float, float]:

@@ -29,21 +29,25 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from workers.classifier.activations import ModelActivations, build_activations
-from workers.classifier.dataset import CLEAN, DEFAULT_TEST_FRACTION, AttackDataset, split_masks
+from workers.classifier.dataset import (
+    CLEAN,
+    DEFAULT_TEST_FRACTION,
+    AttackDataset,
+    split_masks,
+)
 from workers.classifier.detector import (
     DEFAULT_KIND,
     DEFAULT_TARGET_FPR,
-    PENULTIMATE,
     Detector,
     attack_family,
-    fit_detector,
     fit_reference_detector,
 )
+from workers.classifier.fitting import _events, fit_demo_detectors, model_layers
 from workers.progress import progress_bar
 
 STRONG_ATTACKS = ("pgd", "pgd_large", "pgd_l2", "cw")
@@ -86,39 +90,6 @@ def per_attack_auroc(attack: np.ndarray, score: np.ndarray) -> dict[str, float |
     return {a: _f(_auc(np.r_[np.zeros(clean.sum(), bool), np.ones((attack == a).sum(), bool)],
                        np.r_[score[clean], score[attack == a]]))
             for a in sorted(set(attack.tolist()) - {CLEAN})}
-
-
-def _events(acts: ModelActivations, dataset: AttackDataset, idx: np.ndarray, layers: Iterable[str]) -> dict[str, Any]:
-    """The fit_detector dict of the model's rows ``idx`` (positions in ``acts.rows``)."""
-    rows = acts.rows[idx]
-    return {"outputs": dataset.outputs[rows], "embeddings": acts.layers[PENULTIMATE][idx],
-            "layers": {name: acts.layers[name][idx] for name in layers if name != PENULTIMATE},
-            "attack": dataset.attack[rows], "groups": dataset.source_index[rows]}
-
-
-def model_layers(model: str, available: Iterable[str]) -> list[str]:
-    """The layers the demo server taps for ``model`` (penultimate first), among ``available``."""
-    from workers.inference.models import DETECTOR_LAYERS
-
-    return [PENULTIMATE] + [n for n in DETECTOR_LAYERS.get(model, ()) if n in set(available)]
-
-
-def fit_demo_detectors(dataset: AttackDataset, acts: dict[str, ModelActivations], train: np.ndarray, *,
-                       exclude_attack: str | None = None, kind: str = DEFAULT_KIND,
-                       target_fpr: float = DEFAULT_TARGET_FPR, seed: int = 0,
-                       layers: dict[str, list[str]] | None = None, label_heads: bool = True) -> dict[str, Detector]:
-    """One supervised detector per model on the rows in ``train`` (optionally without one attack)."""
-    out = {}
-    for model, a in acts.items():
-        use = layers[model] if layers else model_layers(model, a.layers)
-        in_train = train[a.rows]
-        if exclude_attack is not None:
-            in_train &= dataset.attack[a.rows] != exclude_attack
-        clean_idx = np.flatnonzero(in_train & ~dataset.adversarial[a.rows])
-        adv_idx = np.flatnonzero(in_train & dataset.adversarial[a.rows])
-        out[model] = fit_detector(_events(a, dataset, clean_idx, use), _events(a, dataset, adv_idx, use), kind=kind,
-                                  target_fpr=target_fpr, seed=seed, model_id=model, label_heads=label_heads)
-    return out
 
 
 def _score_all(dets: dict[str, Detector], dataset: AttackDataset, acts: dict[str, ModelActivations],
@@ -205,7 +176,7 @@ def evaluate_detector(state_dir: str | os.PathLike, *, seed: int = 0, test_fract
         "layers": {m: list(d.layers) for m, d in dets.items()},
         "features": {m: d.feature_names for m, d in list(dets.items())[:1]},
         "versions": {m: d.version for m, d in dets.items()},
-        "n_test": int(len(t)),
+        "n_test": len(t),
         "clean_vs_adversarial": clean_vs_adversarial(adv, score),
         "per_attack_auroc": per_attack_auroc(t.attack, score),
         "per_attack_detection_rate": {a: _f((score[t.attack == a] >= 0.5).mean())
@@ -227,8 +198,8 @@ def evaluate_detector(state_dir: str | os.PathLike, *, seed: int = 0, test_fract
         },
         "notes": [
             "family and attack_type accuracy: the heads' answers on adversarial held-out rows",
-            "split by source image (the baseline's split); each model's detector is calibrated so that "
-            f"score 0.5 flags {target_fpr:.0%} of its clean out-of-fold rows",
+            ("split by source image (the baseline's split); each model's detector is calibrated so that "
+             f"score 0.5 flags {target_fpr:.0%} of its clean out-of-fold rows"),
             "unsupervised: fitted on each model's clean train rows only (30% of them held out for the threshold)",
         ],
         "seconds": round(time.perf_counter() - started, 1),
@@ -250,10 +221,12 @@ def evaluate(state_dir: str | os.PathLike, json_path: str | os.PathLike | None =
              png_path: str | os.PathLike | None = None, *, print_tables: bool = True,
              leave_one_out: bool = True, kind: str = DEFAULT_KIND) -> dict[str, Any]:
     """Today's classifier evaluation plus the ``detector`` and ``baseline_output_only`` blocks."""
-    from workers.classifier.cli import evaluate as evaluate_baseline
+    from workers.classifier.training import evaluate as evaluate_baseline
+
+    from workers.classifier.model import default_path
 
     report = evaluate_baseline(state_dir, None, png_path, print_tables=print_tables)
-    split = report.get("split") or {}
+    split = json.loads(default_path(state_dir).with_suffix(".json").read_text()).get("split") or {}
     block, _ = evaluate_detector(state_dir, seed=split.get("seed", 0),
                                  test_fraction=split.get("test_fraction", DEFAULT_TEST_FRACTION),
                                  leave_one_out=leave_one_out, kind=kind, progress=print_tables)

@@ -73,7 +73,7 @@ class ClassGaussian:
 
     @classmethod
     def fit(cls, embeddings: np.ndarray, labels: np.ndarray, n_classes: int, *, k: int = 5,
-            bank_size: int = 512, shrinkage: float = 0.05, seed: int = 0) -> "ClassGaussian":
+            bank_size: int = 512, shrinkage: float = 0.05, seed: int = 0) -> ClassGaussian:
         """Fit on clean rows (n, d) with their class labels (n,) in [0, n_classes).
 
         ``shrinkage`` blends the pooled covariance with its mean-variance identity
@@ -142,5 +142,5 @@ class ClassGaussian:
                 "bank_w": self.bank_w, "bank_sq": self.bank_sq, "k": self.k}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "ClassGaussian":
+    def from_state(cls, state: dict[str, Any]) -> ClassGaussian:
         return cls(**{k: (int(v) if k == "k" else np.asarray(v, dtype=np.float32)) for k, v in state.items()})

@@ -177,3 +177,25 @@ def test_bad_input_gives_one_clear_error(data, detector):
 def test_attack_families():
     assert attack_family(np.array(["pgd", "cw", "fgm", "square", "mine"])).tolist() == [
         "linf_gradient", "minimal_perturbation", "l2_gradient", "black_box_query", "mine"]
+
+
+def test_bank_applies_supervised_heads_only_where_fitted(data, detector):
+    from workers.classifier.bank import DetectorBank
+
+    clean, _, test_clean, test_adv = data
+    bank = DetectorBank({"digits": detector}, target_fpr=0.05)
+    layers = {"penultimate": test_clean["embeddings"], **test_clean["layers"]}
+    assert bank.label("digits", "3", test_clean["outputs"], layers).kind == "supervised"
+    # another version of the model, or another model: no label until a reference exists
+    assert bank.label("digits", "4", test_clean["outputs"], layers) is None
+    assert bank.label("other", "1", test_clean["outputs"], layers) is None
+    # a reference stored as (layers, top-1 class): the unsupervised score, near its target FPR on clean events
+    bank.set_reference("other", "1", {"penultimate": clean["embeddings"], **clean["layers"]},
+                       clean["outputs"].argmax(1), C)
+    labels = bank.label("other", "1", test_clean["outputs"], layers)
+    assert labels.kind == "unsupervised" and (labels.p_adversarial >= 0.5).mean() <= 0.10
+    adv_layers = {"penultimate": test_adv["embeddings"], **test_adv["layers"]}
+    flagged_adv = (bank.label("other", "1", test_adv["outputs"], adv_layers).p_adversarial >= 0.5).mean()
+    assert flagged_adv > 0.5
+    # a batch without the layers the detector needs is not labelled
+    assert bank.label("other", "1", test_clean["outputs"], {"penultimate": test_clean["embeddings"]}) is None
