@@ -129,7 +129,7 @@ class ClassifyStage:
         for f in files:
             try:
                 det = await asyncio.get_running_loop().run_in_executor(self.executor, Detector.load, f)
-            except Exception as exc:  # refused or unreadable: skip it, say why once per file version
+            except Exception as exc:  # noqa: BLE001 - refused or unreadable: skip it, say why once per file version
                 self._warn_once(f"bad:{f}:{f.stat().st_mtime}", "cannot load the detector %s: %s", f, exc)
                 continue
             loaded[str(det.meta.get("model_id") or f.stem)] = det

@@ -99,3 +99,43 @@ def test_stage_labels_only_models_with_a_detector(synthetic, tmp_path, caplog):
     assert runtime.metrics.flagged.counts == {"digits": int(flagged)}
     assert any("digits" in r.getMessage() and "loaded" in r.getMessage() for r in caplog.records)
     stage.executor.shutdown()
+
+
+def _model_events(rng: np.random.Generator, means: np.ndarray, mix: np.ndarray, n: int) -> dict:
+    """Clean events of one synthetic model: class Gaussians (correlated noise) in two layers, softmax head."""
+    y = rng.integers(0, len(means), n)
+    emb = means[y] + rng.normal(size=(n, means.shape[1])) @ mix
+    shallow = np.tanh(emb[:, : means.shape[1] // 2] + rng.normal(size=(n, means.shape[1] // 2)) * 0.3)
+    logits = emb[:, : len(means)] * 2.0
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return {"outputs": (p / p.sum(1, keepdims=True)).astype(np.float32), "embeddings": emb.astype(np.float32),
+            "layers": {"shallow": shallow.astype(np.float32)}}
+
+
+def test_no_attack_classified_alert_on_clean_models_the_detector_was_not_fitted_for(synthetic):
+    from streams.alerts.rules import AlertRules
+    from streams.alerts.tally import LabelTally
+    from streams.stages.classify import label_batches
+
+    det, *_ = synthetic
+    bank = DetectorBank({"digits": det})
+    rules, tally, opened, labelled = AlertRules(), LabelTally(step_ms=10_000), [], 0
+    rng = np.random.default_rng(5)
+    for m in range(30):  # the issue's scene: 30 models that are not demo models, no attack at all
+        classes, dim = int(rng.integers(3, 11)), int(rng.integers(8, 33))
+        means = rng.normal(size=(classes, dim)) * 3.0
+        mix = np.eye(dim) + rng.normal(size=(dim, dim)) * 0.2
+        ref = _model_events(rng, means, mix, 400)
+        bank.set_reference(f"m{m}", "1", {"penultimate": ref["embeddings"], **ref["layers"]},
+                           ref["outputs"].argmax(1), ref["outputs"].shape[1])
+        for k in range(20):  # 20 micro-batches of 64 live events, 5 s apart: ten 10 s buckets
+            ev = _model_events(rng, means, mix, 64)
+            batch = PredictionBatch.build(f"m{m}", [f"m{m}-{k}-{i}" for i in range(64)], outputs=ev["outputs"],
+                                          layers={"penultimate": ev["embeddings"], **ev["layers"]},
+                                          ts_ms=np.full(64, 1_700_000_000_000 + 5_000 * k, np.int64))
+            for lb in label_batches(bank, [batch]):
+                labelled += lb.n
+                for verdict in tally.add(lb):
+                    opened += [e for e in rules.on_labels(*verdict) if e.state == "open"]
+    assert labelled == 30 * 20 * 64
+    assert opened == []
