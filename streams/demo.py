@@ -104,6 +104,11 @@ def _prepare(state_dir: Path, phases: str) -> None:
         console.print("training the attack classifier on the fast attacks (first run only; "
                       "`layerwatch classifier train` trains on all presets)")
         train(state_dir, progress=True, attacks=DEMO_CLASSIFIER_ATTACKS)
+    from workers.classifier.fitting import detectors_dir, train_detectors
+
+    if not any(detectors_dir(state_dir).glob("*.skops")):
+        console.print("fitting the per-event detectors on the same attacks (first run only)")
+        train_detectors(state_dir, progress=True, attacks=DEMO_CLASSIFIER_ATTACKS)
 
 
 def _live_view(state: DemoState) -> Group:
