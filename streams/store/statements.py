@@ -192,7 +192,8 @@ WINDOW_EVENTS_SQL = shipped_queries()["top_suspicious_events"]
 
 WINDOW_LABELS_SQL = """
 SELECT event_id, argMax(attack_type, ts_ms) AS attack_type, argMax(attack_prob, ts_ms) AS attack_prob,
-       argMax(p_adversarial, ts_ms) AS p_adversarial, argMax(target_model, ts_ms) AS target_model
+       argMax(p_adversarial, ts_ms) AS p_adversarial, argMax(target_model, ts_ms) AS target_model,
+       argMax(score_kind, ts_ms) AS score_kind, argMax(family, ts_ms) AS family
 FROM attack_labels
 WHERE model_id = {model_id} AND event_id IN {ids}
 GROUP BY event_id
