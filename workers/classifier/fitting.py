@@ -90,3 +90,53 @@ def train_detectors(state_dir: str | os.PathLike, seed: int = 0, progress: bool 
                         split={"test_fraction": test_fraction, "seed": seed, "by": "source_index"})
         out[model] = det.save(detectors_dir(state_dir) / f"{model}.skops")
     return out
+
+
+#: attacks ``fit_torch_detector`` crafts by default: one or two per family, the fast ones
+DEFAULT_FIT_ATTACKS = ("fgsm", "pgd", "fgm", "pgd_l2", "deepfool", "square")
+
+
+def fit_torch_detector(module: Any, x: np.ndarray, y: np.ndarray, *, layers: Iterable[str] = (),
+                       attacks: Iterable[str] = DEFAULT_FIT_ATTACKS, model_id: str | None = None,
+                       model_version: str | None = None, seed: int = 0, state_dir: str | os.PathLike | None = None,
+                       clip_values: tuple[float, float] = (0.0, 1.0), **fit_kwargs: Any) -> Detector:
+    """Fit a supervised detector for any torch classifier from clean inputs and attacks crafted against it.
+
+    ``x`` (n, *input_shape) in ``clip_values`` and ``y`` true labels: clean data the model
+    did not train on (e.g. its validation split). ``layers``: module names tapped besides
+    the penultimate layer — publish the same ones from the inference server. Attacks are
+    the :data:`workers.attacks.PRESETS` named in ``attacks`` (cached under ``state_dir``
+    when given); every version of one input stays in one cross-fitting fold.
+    """
+    import torch
+
+    from workers.attacks import generate
+    from workers.inference.tap import LayerTap
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    groups = np.arange(len(x))
+    parts: dict[str, list[np.ndarray]] = {"outputs": [], "embeddings": [], "attack": [], "groups": []}
+    extra: dict[str, list[np.ndarray]] = {}
+    with LayerTap(module, list(layers)) as tap:
+        def tapped(inputs: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            result = tap.tap(inputs, output_fn=lambda logits: torch.softmax(logits.float(), dim=1))
+            return result.outputs, result.layers
+
+        clean_out, clean_layers = tapped(x)
+        for attack in attacks:
+            adv = generate(module, x, y, attack, seed=seed, state_dir=state_dir, model_name=model_id,
+                           clip_values=clip_values).x_adv
+            out, got = tapped(adv)
+            parts["outputs"].append(out)
+            parts["embeddings"].append(got[PENULTIMATE])
+            parts["attack"].append(np.full(len(x), attack))
+            parts["groups"].append(groups)
+            for name, values in got.items():
+                if name != PENULTIMATE:
+                    extra.setdefault(name, []).append(values)
+    clean = {"outputs": clean_out, "embeddings": clean_layers[PENULTIMATE], "groups": groups,
+             "layers": {k: v for k, v in clean_layers.items() if k != PENULTIMATE}}
+    adversarial = {k: np.concatenate(v) for k, v in parts.items()}
+    adversarial["layers"] = {k: np.concatenate(v) for k, v in extra.items()}
+    return fit_detector(clean, adversarial, model_id=model_id, model_version=model_version, seed=seed, **fit_kwargs)
