@@ -41,7 +41,7 @@ DEMO_OPEN_ALERTS = (
     "SELECT kind, model_id, client_id, min(ts_ms) FROM alerts FINAL WHERE ts_ms >= {since} "
     "GROUP BY alert_id, kind, model_id, client_id HAVING countIf(state = 'resolved') = 0 ORDER BY min(ts_ms)"
 )
-DEMO_REFERENCE_ROWS = "SELECT count() FROM reference_embeddings FINAL WHERE ts_ms >= {since}"
+DEMO_REFERENCE_ROWS = "SELECT uniqExact(event_id) FROM reference_embeddings WHERE ts_ms >= {since}"
 DEMO_LAST_WINDOW_END = "SELECT max(window_end_ms) FROM drift_windows WHERE window_end_ms >= {since}"
 DEMO_WINDOWS = (
     "SELECT model_id, window_start_ms, window_end_ms, detection_rate FROM drift_windows FINAL "
