@@ -72,14 +72,15 @@ def fit_demo_detectors(dataset: AttackDataset, acts: dict[str, ModelActivations]
 def train_detectors(state_dir: str | os.PathLike, seed: int = 0, progress: bool = True, *,
                     test_fraction: float = DEFAULT_TEST_FRACTION, kind: str = DEFAULT_KIND,
                     target_fpr: float = DEFAULT_TARGET_FPR, models: Iterable[str] | None = None,
-                    attacks: Iterable[str] | None = None) -> dict[str, Path]:
+                    attacks: Iterable[str] | None = None, n_inputs: int | None = None) -> dict[str, Path]:
     """Fit and save one detector per demo model on the train split; returns {model: path}.
 
-    ``models`` and ``attacks`` restrict the attack data set as in ``build_dataset``.
+    ``models``, ``attacks`` and ``n_inputs`` restrict the attack data set as in ``build_dataset``.
     """
     from workers.inference.models import load_demo_models
 
-    dataset, acts = build_activations(state_dir, seed, progress=progress, models=models, attacks=attacks)
+    dataset, acts = build_activations(state_dir, seed, progress=progress, models=models, attacks=attacks,
+                                      n_inputs=n_inputs)
     train, _ = split_masks(dataset, test_fraction, seed)
     dets = fit_demo_detectors(dataset, acts, train, kind=kind, target_fpr=target_fpr, seed=seed)
     demo = load_demo_models(state_dir, list(dets), progress=progress, seed=seed)
