@@ -221,9 +221,8 @@ def evaluate(state_dir: str | os.PathLike, json_path: str | os.PathLike | None =
              png_path: str | os.PathLike | None = None, *, print_tables: bool = True,
              leave_one_out: bool = True, kind: str = DEFAULT_KIND) -> dict[str, Any]:
     """Today's classifier evaluation plus the ``detector`` and ``baseline_output_only`` blocks."""
-    from workers.classifier.training import evaluate as evaluate_baseline
-
     from workers.classifier.model import default_path
+    from workers.classifier.training import evaluate as evaluate_baseline
 
     report = evaluate_baseline(state_dir, None, png_path, print_tables=print_tables)
     split = json.loads(default_path(state_dir).with_suffix(".json").read_text()).get("split") or {}
