@@ -130,6 +130,9 @@ class LabelBatch:
     attack_prob: np.ndarray  # (n,) float32
     target_model: np.ndarray  # (n,) str: the model the attack was crafted on
     target_prob: np.ndarray  # (n,) float32
+    family: np.ndarray | None = None  # (n,) str: "clean" or an attack family (per-event detector only)
+    score_kind: str = "classifier"  # "supervised" | "unsupervised" (per-event detector) | "classifier"
+    features_version: str = ""  # the detector's features version ("" for the output-only classifier)
 
     @property
     def n(self) -> int:

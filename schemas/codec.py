@@ -336,7 +336,14 @@ def encode_labels(labels: LabelBatch) -> bytes:
         "target_models": target_models,
         "target_model": matrix(target_codes),
         "target_prob": matrix(np.asarray(labels.target_prob, dtype=np.float32)),
+        "score_kind": labels.score_kind,
+        "features_version": labels.features_version,
+        "families": [],
+        "family": None,
     }
+    if labels.family is not None:
+        record["families"], family_codes = _dictionary("family", labels.family, n)
+        record["family"] = matrix(family_codes)
     labels_from_record(record, DEFAULT_LIMITS)
     return encode("AttackLabels", record)
 
@@ -360,6 +367,14 @@ def labels_from_record(record: dict[str, Any], limits: Limits = DEFAULT_LIMITS) 
         if codes.min() < 0 or codes.max() >= len(names):
             raise CodecError(field, f"index outside the {len(names)} names of {names_field}")
         columns[field] = np.asarray(names, dtype=str)[codes]
+    family = None
+    if record.get("family") is not None:
+        names = record.get("families") or []
+        _check_ids("families", names, len(names), limits, allow_empty=True)
+        codes = from_matrix("family", record["family"], shape=(n,), kinds="i", limits=limits)
+        if codes.min() < 0 or codes.max() >= len(names):
+            raise CodecError("family", f"index outside the {len(names)} names of families")
+        family = np.asarray(names, dtype=str)[codes]
     return LabelBatch(
         model_id=record["model_id"],
         model_version=record["model_version"],
@@ -371,4 +386,7 @@ def labels_from_record(record: dict[str, Any], limits: Limits = DEFAULT_LIMITS) 
         attack_prob=columns["attack_prob"].astype(np.float32, copy=False),
         target_model=columns["target_model"],
         target_prob=columns["target_prob"].astype(np.float32, copy=False),
+        family=family,
+        score_kind=str(record.get("score_kind", "classifier")),
+        features_version=str(record.get("features_version", "")),
     )

@@ -104,6 +104,14 @@ def _prepare(state_dir: Path, phases: str) -> None:
         console.print("training the attack classifier on the fast attacks (first run only; "
                       "`layerwatch classifier train` trains on all presets)")
         train(state_dir, progress=True, attacks=DEMO_CLASSIFIER_ATTACKS)
+    from workers.classifier.dataset import load_manifest
+    from workers.classifier.fitting import detectors_dir, train_detectors
+
+    if not any(detectors_dir(state_dir).glob("*.skops")):
+        console.print("fitting the per-event detectors on the classifier's attack data set (first run only)")
+        built = load_manifest(state_dir) or {}  # the set the classifier trained on: attacks already cached
+        train_detectors(state_dir, progress=True, models=built.get("models"),
+                        attacks=built.get("attacks", DEMO_CLASSIFIER_ATTACKS), n_inputs=built.get("n_inputs"))
 
 
 def _demo_identities(demo_dir: Path, clients: int = 4) -> tuple[dict[str, str], str]:

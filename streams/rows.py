@@ -123,6 +123,9 @@ def label_rows(labels: Sequence[LabelBatch]) -> Columns:
         "target_model": np.concatenate([lb.target_model for lb in labels]),
         "target_prob": np.concatenate([lb.target_prob for lb in labels]).astype(np.float32),
         "classifier_version": _flat([lb.classifier_version] * lb.n for lb in labels),
+        "family": np.concatenate([lb.family if lb.family is not None else np.full(lb.n, "") for lb in labels]),
+        "score_kind": _flat([lb.score_kind] * lb.n for lb in labels),
+        "features_version": _flat([lb.features_version] * lb.n for lb in labels),
     }
 
 

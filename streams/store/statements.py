@@ -41,7 +41,7 @@ DEMO_OPEN_ALERTS = (
     "SELECT kind, model_id, client_id, min(ts_ms) FROM alerts FINAL WHERE ts_ms >= {since} "
     "GROUP BY alert_id, kind, model_id, client_id HAVING countIf(state = 'resolved') = 0 ORDER BY min(ts_ms)"
 )
-DEMO_REFERENCE_ROWS = "SELECT count() FROM reference_embeddings FINAL WHERE ts_ms >= {since}"
+DEMO_REFERENCE_ROWS = "SELECT uniqExact(event_id) FROM reference_embeddings WHERE ts_ms >= {since}"
 DEMO_LAST_WINDOW_END = "SELECT max(window_end_ms) FROM drift_windows WHERE window_end_ms >= {since}"
 DEMO_WINDOWS = (
     "SELECT model_id, window_start_ms, window_end_ms, detection_rate FROM drift_windows FINAL "
@@ -192,7 +192,8 @@ WINDOW_EVENTS_SQL = shipped_queries()["top_suspicious_events"]
 
 WINDOW_LABELS_SQL = """
 SELECT event_id, argMax(attack_type, ts_ms) AS attack_type, argMax(attack_prob, ts_ms) AS attack_prob,
-       argMax(p_adversarial, ts_ms) AS p_adversarial, argMax(target_model, ts_ms) AS target_model
+       argMax(p_adversarial, ts_ms) AS p_adversarial, argMax(target_model, ts_ms) AS target_model,
+       argMax(score_kind, ts_ms) AS score_kind, argMax(family, ts_ms) AS family
 FROM attack_labels
 WHERE model_id = {model_id} AND event_id IN {ids}
 GROUP BY event_id

@@ -319,7 +319,8 @@ def window_events(events: Iterable[Mapping[str, Any]], labels: Iterable[Mapping[
             "attack": str(e.get("attack") or ""),
             "label": None if label is None else {
                 "attack_type": str(label["attack_type"]), "attack_prob": finite(label["attack_prob"]),
-                "p_adversarial": finite(label["p_adversarial"]), "target_model": str(label["target_model"])},
+                "p_adversarial": finite(label["p_adversarial"]), "target_model": str(label["target_model"]),
+                "score_kind": str(label.get("score_kind") or ""), "family": str(label.get("family") or "")},
             "input": image_values(by_input.get(eid)),
         })
     return out

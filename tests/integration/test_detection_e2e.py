@@ -43,7 +43,7 @@ def test_pgd_attack_is_detected_alerted_and_queryable(broker, store_url, demo_st
                      "LW_PROBING_THROTTLE_S": "300"}
         _, url = stack.start_worker()
         counts = publish_reference(broker, demo_state, models=["cnn"], topic=prefix + "predictions")
-        wait_until(lambda: _query(url, "SELECT count() FROM reference_embeddings FINAL WHERE model_id = 'cnn'")[0][0]
+        wait_until(lambda: _query(url, "SELECT uniqExact(event_id) FROM reference_embeddings WHERE model_id = 'cnn'")[0][0]
                    == counts["cnn"], timeout=60, message="the reference in ClickHouse")
 
         server = ModelServer(state_dir=str(demo_state), model_names=["cnn"], bootstrap=broker,

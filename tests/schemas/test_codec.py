@@ -192,6 +192,24 @@ def test_labels_round_trip(n: int, seed: int) -> None:
     assert back.ts_ms.dtype == np.int64 and back.p_adversarial.dtype == np.float32
 
 
+def test_labels_carry_the_detectors_family_score_kind_and_features_version() -> None:
+    labels = LabelBatch("m", "1", "det-1", ["a", "b", "c"], np.array([1, 2, 3]), np.array([0.9, 0.1, 0.7], np.float32),
+                        np.array(["pgd", "clean", "cw"]), np.ones(3, np.float32), np.array(["m"] * 3),
+                        np.ones(3, np.float32), family=np.array(["linf_gradient", "clean", "minimal_perturbation"]),
+                        score_kind="unsupervised", features_version="det-features/1")
+    back = labels_from_record(decode(encode_labels(labels), expect="AttackLabels")[1])
+    assert back.family.tolist() == ["linf_gradient", "clean", "minimal_perturbation"]
+    assert (back.score_kind, back.features_version) == ("unsupervised", "det-features/1")
+    plain = LabelBatch("m", "1", "rf-1", ["a"], np.array([1]), np.ones(1, np.float32), np.array(["pgd"]),
+                       np.ones(1, np.float32), np.array(["m"]), np.ones(1, np.float32))
+    back = labels_from_record(decode(encode_labels(plain), expect="AttackLabels")[1])
+    assert back.family is None and (back.score_kind, back.features_version) == ("classifier", "")
+    _, record = decode(encode_labels(labels))
+    record["family"] = matrix(np.array([0, 1, 9], np.int32))
+    with pytest.raises(CodecError, match="family: index outside the 3 names"):
+        labels_from_record(record)
+
+
 def test_labels_reject_bad_indices_and_the_retired_schema_id() -> None:
     labels = LabelBatch("m", "1", "c", ["a", "b"], np.array([1, 2]), np.ones(2, np.float32), np.array(["x", "y"]),
                         np.ones(2, np.float32), np.array(["m", "m"]), np.ones(2, np.float32))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from schemas import Limits, PredictionBatch, encode, encode_batch
+from schemas.batch import LabelBatch
 from streams.app import result_rows
 from streams.ingest import decode_records
-from streams.rows import Delivered, prediction_rows, reference_rows
+from streams.rows import Delivered, label_rows, prediction_rows, reference_rows
 
 
 def _batch(model: str, n: int, role: str = "live") -> PredictionBatch:
@@ -58,3 +59,16 @@ def test_result_rows_group_by_table() -> None:
     assert tables["sample_scores"]["rank"] == [1, 2] and tables["sample_scores"]["event_id"] == ["e1", "e2"]
     assert tables["dead_letters"]["dl_id"] == ["t:0:5"]
     assert encode("DriftResult", drift)[0] == 0
+
+
+def test_label_rows_carry_family_score_kind_and_features_version() -> None:
+    one = np.ones(2, np.float32)
+    det = LabelBatch("a", "1", "det-1", ["e1", "e2"], np.array([1, 2]), one, np.array(["pgd", "clean"]), one,
+                     np.array(["a", "a"]), one, family=np.array(["linf_gradient", "clean"]), score_kind="supervised",
+                     features_version="det-features/1")
+    forest = LabelBatch("b", "1", "rf-1", ["e3"], np.array([3]), one[:1], np.array(["cw"]), one[:1],
+                        np.array(["b"]), one[:1])
+    rows = label_rows([det, forest])
+    assert rows["family"].tolist() == ["linf_gradient", "clean", ""]
+    assert rows["score_kind"] == ["supervised", "supervised", "classifier"]
+    assert rows["features_version"] == ["det-features/1", "det-features/1", ""]

@@ -166,6 +166,12 @@ ARCHITECTURES: dict[str, Architecture] = {
 MODEL_NAMES = tuple(ARCHITECTURES)
 assert MODEL_NAMES == names.MODEL_NAMES, "workers/inference/names.py lists the demo models"
 
+#: Layers a demo model publishes besides the penultimate one: a shallow and a middle one.
+#: The per-event detector (workers.classifier.detector) reads them: on these small nets strong
+#: L∞ attacks reach typical-looking penultimate embeddings while early layers still see the noise.
+DETECTOR_LAYERS: dict[str, tuple[str, ...]] = {"cnn": ("block1", "block2"), "resnet": ("stem", "layer2"),
+                                               "mlp": ("fc1", "fc2")}
+
 
 def build_model(name: str) -> nn.Module:
     """A fresh (untrained) module of the named demo architecture."""
@@ -262,7 +268,11 @@ def train_model(
 
 @dataclass
 class DemoModel:
-    """A trained demo model ready to serve: eval-mode module, metadata and a penultimate LayerTap."""
+    """A trained demo model ready to serve: eval-mode module, metadata and a LayerTap.
+
+    The tap reads the penultimate layer and :data:`DETECTOR_LAYERS` (what the demo server,
+    the reference publication and the simulator publish).
+    """
 
     name: str
     version: str
@@ -276,7 +286,7 @@ class DemoModel:
 
     def __post_init__(self) -> None:
         self.module.eval()
-        self.tap = LayerTap(self.module)
+        self.tap = LayerTap(self.module, list(DETECTOR_LAYERS.get(self.name, ())))
 
     @property
     def device(self) -> torch.device:
@@ -287,7 +297,7 @@ class DemoModel:
         return IMAGE_SHAPE
 
     def predict(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(softmax probabilities (n, 10) float32, {"penultimate": (n, dim)}) for inputs (n, 1, 8, 8)."""
+        """(softmax probabilities (n, 10) float32, {"penultimate": (n, dim), shallow, middle}) for (n, 1, 8, 8)."""
         result = self.tap.tap(x, output_fn=lambda logits: torch.softmax(logits, dim=1))
         return result.outputs, result.layers
 

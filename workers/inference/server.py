@@ -133,7 +133,8 @@ class ModelServer:
         top_k, return_scores: what the answer reveals (default: top-1 label only).
         preprocess: e.g. "bitdepth:4,median:3" (see workers.inference.defences).
         mc_dropout: T > 1 records MC-dropout uncertainty per event (0: off).
-        extra_layers: layer names (or {model: names}) tapped besides the penultimate layer.
+        extra_layers: layer names (or {model: names}) tapped besides the penultimate layer (None: the
+            layers the model's own ``tap`` reads — a demo model's shallow and middle layer).
         layer_dtype: "float32" or "float16" for published layers.
         include_inputs: publish the inputs in each batch (a dashboard can show them).
         flush_every, flush_interval_ms: micro-batch size / age that triggers a publish.
@@ -224,6 +225,8 @@ class ModelServer:
         self.models: dict[str, _Served] = {}
         for name, model in models.items():
             extra = extra_layers.get(name, ()) if isinstance(extra_layers, Mapping) else (extra_layers or ())
+            if extra_layers is None:  # default: what the model's own tap reads (demo: shallow + middle layer)
+                extra = [n for n in getattr(getattr(model, "tap", None), "names", ()) if n != "penultimate"]
             module = model.module
             module.eval()
             publisher = None

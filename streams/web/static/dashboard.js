@@ -480,7 +480,7 @@
         el("td", { class: "num" }, fmt(e.score, 4), el("span", { class: "scorebar", style: `width:${Math.round(40 * Math.max(0, e.score || 0) / top)}px` })),
         el("td", { class: "num" }, e.ts_ms ? [String(e.predicted), el("div", { class: "hint" }, "conf " + fmt(e.confidence))] : el("span", { class: "hint" }, "–")),
         el("td", {}, label ? [el("span", { class: "badge " + (adversarial ? "adv" : "clean") }, label.attack_type),
-          el("div", { class: "hint" }, `p(adv) ${fmt(label.p_adversarial)}${label.target_model ? " · " + label.target_model : ""}`)] : el("span", { class: "hint" }, "–")),
+          el("div", { class: "hint" }, `p(adv) ${fmt(label.p_adversarial)}${label.score_kind ? " (" + label.score_kind + ")" : ""}${label.family && label.family !== "clean" ? " · " + label.family : ""}${label.target_model ? " · " + label.target_model : ""}`)] : el("span", { class: "hint" }, "–")),
         el("td", {}, e.attack ? el("span", { class: "badge adv" }, e.attack) : el("span", { class: "hint" }, "none")),
         el("td", { class: "mono" }, e.client_id || "–"),
         el("td", {}, e.ts_ms ? clock(e.ts_ms) : "–"));

@@ -115,11 +115,13 @@ def test_window_events_merge_labels_and_images_in_score_order() -> None:
         {"event_id": "e1", "model_id": "m", "score": 0.5, "rank": 2, "layer": "penultimate", "client_id": "",
          "predicted": 0, "confidence": 0.0, "ts_ms": 0, "attack": ""},  # no matching prediction row
     ]
-    labels = [{"event_id": "e2", "attack_type": "fgsm", "attack_prob": 0.7, "p_adversarial": 0.95, "target_model": "m"}]
+    labels = [{"event_id": "e2", "attack_type": "fgsm", "attack_prob": 0.7, "p_adversarial": 0.95, "target_model": "m",
+               "score_kind": "supervised", "family": "linf_gradient"}]
     inputs = [{"event_id": "e2", "input": np.linspace(0, 1, 64, dtype=np.float32)}, {"event_id": "e1", "input": []}]
     out = D.window_events(events, labels, inputs)
     assert [e["event_id"] for e in out] == ["e2", "e1"]
-    assert out[0]["label"] == {"attack_type": "fgsm", "attack_prob": 0.7, "p_adversarial": 0.95, "target_model": "m"}
+    assert out[0]["label"] == {"attack_type": "fgsm", "attack_prob": 0.7, "p_adversarial": 0.95, "target_model": "m",
+                               "score_kind": "supervised", "family": "linf_gradient"}
     assert len(out[0]["input"]) == 64 and out[0]["input"][0] == 0.0 and out[0]["input"][-1] == 1.0
     assert out[0]["input"][1] == round(1 / 63, 3)
     assert out[1]["label"] is None and out[1]["input"] is None

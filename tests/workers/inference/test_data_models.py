@@ -16,6 +16,7 @@ from workers.inference.defences import (
     parse_preprocess,
 )
 from workers.inference.models import (
+    DETECTOR_LAYERS,
     MODEL_NAMES,
     layer_names,
     load_demo_models,
@@ -88,7 +89,7 @@ def test_predict_gives_probabilities_and_penultimate(demo_models):
         probs, layers = model.predict(split.x_val[:32])
         assert probs.shape == (32, 10) and probs.dtype == np.float32
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-        assert list(layers) == ["penultimate"] and layers["penultimate"].shape == (32, 64)
+        assert list(layers) == ["penultimate", *DETECTOR_LAYERS[name]] and layers["penultimate"].shape == (32, 64)
         assert model.layer_names() == layer_names(name)
 
 

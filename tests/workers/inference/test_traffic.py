@@ -8,6 +8,7 @@ import pytest
 
 from schemas.codec import decode_batch
 from tests.workers.inference.conftest import consume_all
+from workers.inference.models import DETECTOR_LAYERS
 from workers.inference.server import ModelServer, ServerThread
 from workers.inference.traffic import Phase, parse_phases, publish_reference, simulate
 
@@ -71,4 +72,4 @@ def test_publish_reference(broker, topic, state_dir):
     batches = [decode_batch(r.value) for r in records]
     assert {b.role for b in batches} == {"reference"}
     assert Counter(b.model_id for b in batches for _ in range(b.n)) == {"cnn": 359, "resnet": 359}
-    assert all(list(b.layers) == ["penultimate"] and b.truth is not None for b in batches)
+    assert all(list(b.layers) == ["penultimate", *DETECTOR_LAYERS[b.model_id]] and b.truth is not None for b in batches)
