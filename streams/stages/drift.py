@@ -23,7 +23,7 @@ from schemas.codec import encode
 from schemas.window import WindowSample, encode_window
 from streams.rows import Delivered, now_ms
 from streams.stages.bootstrap import ReferenceBootstrap
-from streams.stages.references import Reference, ReferenceCache
+from streams.stages.references import Reference, ReferenceCache, drift_layers
 from workers.drift import AnalysisOptions, Verdict, WindowAnalysis
 from workers.windows import ClosedWindow, Coalescer, WindowManager
 
@@ -129,8 +129,8 @@ class DriftStage:
         """Feed one live batch (of ``partition``) into the windows; the windows it closed, not yet queued."""
         key = (batch.model_id, batch.model_version)
         self._partitions.setdefault(key, set()).add(int(partition))
-        return self.windows.add(key, batch.ts_ms, batch.event_ids, batch.predicted, batch.layers,
-                                client_ids=batch.client_ids)
+        return self.windows.add(key, batch.ts_ms, batch.event_ids, batch.predicted,
+                                drift_layers(batch.layers, self.settings.drift_layers), client_ids=batch.client_ids)
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget the windows of keys whose events all came from ``partitions`` (revoked); how many keys."""

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -31,6 +31,19 @@ class Reference:
     layers: tuple[str, ...]
     n: int
     built_ms: int
+
+
+def drift_layers(layers: Mapping[str, Any], spec: str) -> dict[str, Any]:
+    """The layers the window test uses: ``spec`` is ``all`` or a comma list of layer names (``LW_DRIFT_LAYERS``).
+
+    Example:
+        >>> sorted(drift_layers({"penultimate": 1, "stem": 2}, "penultimate"))
+        ['penultimate']
+    """
+    if spec.strip() == "all":
+        return dict(layers)
+    wanted = {name.strip() for name in spec.split(",") if name.strip()}
+    return {name: value for name, value in layers.items() if name in wanted}
 
 
 def reference_arrays(rows: Sequence[Sequence[Any]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -83,6 +96,13 @@ class ReferenceCache:
                 self._warned.add(key)
             return None
         layers, classes = reference_arrays(await self.writer.query(Q.REFERENCE_ROWS, {**params, "ids": ids}))
+        layers = drift_layers(layers, s.drift_layers)
+        if not layers:
+            if key not in self._warned:
+                log.warning("model %s version %s publishes none of the layers LW_DRIFT_LAYERS=%s names: not tested",
+                            key[0], key[1], s.drift_layers)
+                self._warned.add(key)
+            return None
         test = await asyncio.get_running_loop().run_in_executor(executor, self.factory, layers, classes, s)
         self._stale.discard(key)
         self._warned.discard(key)
