@@ -221,6 +221,10 @@ class LayerTap:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    def __deepcopy__(self, memo: dict) -> "LayerTap":
+        """The tap itself: a deep-copied model shares it (its thread-local state cannot be copied)."""
+        return self
+
     def __enter__(self) -> "LayerTap":
         return self
 
