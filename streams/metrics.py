@@ -84,5 +84,14 @@ class Metrics:
                                          "Alert transitions a sink gave up delivering (dead-lettered)", ["sink"], registry=r)
         self.actions = Counter("layerwatch_actions_total", "Actions published for the model server", ["action"], registry=r)
 
+    def by_model(self, counter: Counter) -> dict[str, float]:
+        """A counter's value per ``model_id`` label (summed over its other labels)."""
+        out: dict[str, float] = {}
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and "model_id" in sample.labels:
+                    out[sample.labels["model_id"]] = out.get(sample.labels["model_id"], 0.0) + sample.value
+        return out
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

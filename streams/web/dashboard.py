@@ -346,8 +346,13 @@ def alert_records(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[d
 # ------------------------------------------------------------------------ data functions
 
 
-async def models_payload(query: QueryFn, *, minutes: int, now: int) -> dict[str, Any]:
-    """Models seen in the range (predictions or tested windows) with their tested layers."""
+async def models_payload(query: QueryFn, *, minutes: int, now: int,
+                         event_time: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
+    """Models seen in the range (predictions or tested windows) with their tested layers.
+
+    ``event_time`` holds this worker's counts per model of ``late`` and ``clamped`` events
+    (since it started), shown on each model's card.
+    """
     since = now - minutes * 60_000
     bounds = time_bounds(since)
     names, rows = await query(MODEL_LAYERS_SQL, {**bounds, "limit": MAX_MODEL_ROWS})
@@ -369,6 +374,8 @@ async def models_payload(query: QueryFn, *, minutes: int, now: int) -> dict[str,
         m["layers"].sort(key=lambda x: layer_order(x["layer"]))
         m["reference_events"] = references.get(m["model_id"], 0)
         m["state"] = model_state(m)
+        for kind in ("late", "clamped"):
+            m[f"{kind}_events"] = int((event_time or {}).get(kind, {}).get(m["model_id"], 0))
     return {"now_ms": now, "minutes": minutes, "models": [models[k] for k in sorted(models)]}
 
 
@@ -561,7 +568,9 @@ def register_dashboard_views(app: Any, runtime: Any) -> None:
         return {**await body, "clock_ms": now_ms()}  # the server's clock, for "x ago" of old data
 
     async def models(q: Mapping[str, str]) -> dict[str, Any]:
-        return await stamped(models_payload(query, **await common(q)))
+        event_time = {"late": runtime.metrics.by_model(runtime.metrics.late),
+                      "clamped": runtime.metrics.by_model(runtime.metrics.clamped)}
+        return await stamped(models_payload(query, **await common(q), event_time=event_time))
 
     async def drift(q: Mapping[str, str]) -> dict[str, Any]:
         return await stamped(drift_payload(

@@ -182,7 +182,9 @@
         el("span", {}, el("b", {}, m.events.toLocaleString()), "events"),
         el("span", {}, el("b", {}, fmt(rate)), main ? `rate (${layerName(main.layer)})` : "rate"),
         el("span", {}, el("b", {}, String(openCount[m.model_id] || 0)), "open alerts"),
-        el("span", {}, el("b", {}, String(m.layers.filter((l) => l.layer !== COMBINED).length)), "layers")));
+        el("span", {}, el("b", {}, String(m.layers.filter((l) => l.layer !== COMBINED).length)), "layers"),
+        el("span", { title: "events after their windows closed / event times clamped (ahead of their record), since this worker started" },
+          el("b", {}, `${(m.late_events || 0).toLocaleString()} / ${(m.clamped_events || 0).toLocaleString()}`), "late / clamped")));
     }));
   }
 

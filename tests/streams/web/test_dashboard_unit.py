@@ -224,3 +224,21 @@ def test_model_state_says_what_the_charts_wait_for() -> None:
     assert D.model_state({"layers": [], "events": 40, "reference_events": 0}) == "awaiting_reference"
     assert D.model_state({"layers": [], "events": 0, "reference_events": 500}) == "awaiting_traffic"
     assert D.model_state({"layers": [], "events": 40, "reference_events": 500}) == "awaiting_windows"
+
+
+def test_model_cards_carry_this_workers_late_and_clamped_counts() -> None:
+    from streams.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.late.labels("m").inc(3)
+    metrics.clamped.labels("m").inc(2)
+
+    async def query(sql: str, params: dict) -> tuple[list[str], list[list]]:
+        if "uniqExact(event_id) AS events" in sql:
+            return ["model_id", "events", "last_ms"], [["m", 10, 5], ["quiet", 4, 5]]
+        return [], []
+
+    event_time = {"late": metrics.by_model(metrics.late), "clamped": metrics.by_model(metrics.clamped)}
+    payload = asyncio.run(D.models_payload(query, minutes=15, now=1_700_000_000_000, event_time=event_time))
+    cards = {m["model_id"]: (m["late_events"], m["clamped_events"]) for m in payload["models"]}
+    assert cards == {"m": (3, 2), "quiet": (0, 0)}
