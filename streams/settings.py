@@ -105,6 +105,8 @@ class Settings:
     probing_min_queries: int = 20
     probing_window_s: float = 30.0
     probing_throttle_s: float = 60.0
+    probing_max_clients: int = 100_000  # (model, client) pairs tracked; the least recently seen are forgotten
+    probing_buffer_rows: int = 1 << 20  # shared ring of recent queries (all models): at most ~150 MiB
     # classifier
     classifier_path: str = ""  # default: <state_dir>/classifier/classifier.skops
 
