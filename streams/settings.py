@@ -82,6 +82,7 @@ class Settings:
     shift_adjust: bool = False  # LADIS shift_adjust: sample the reference by the window's predicted-class mix
     max_window_bytes: int = 8 * 1024 * 1024  # a window published to lw.windows is sampled down to fit
     test_batch_windows: int = 16  # windows a test worker takes per step
+    drift_batch: int = 32  # closed windows tested together (MMD GEMMs stacked across models)
     drift_test: str = "mmd"  # the window test: mmd, or package.module:factory (docs/architecture.md)
     # alerts
     alert_detection_rate: float = 0.5

@@ -2,7 +2,7 @@
 
 A worker closes the windows of many models in the same step. Tested one by one, each
 window costs two GEMMs of its own (the permutation test's ``[K_xy; K_yy] @ A_y`` and the
-LADIS rate's ``k_tri @ W``) plus a Python round trip. Windows whose testers share the
+LADIS rate's ``k @ W``) plus a Python round trip. Windows whose testers share the
 reference size, the window size, P and the seed share the permutation matrix ``A`` and
 the pair-weight matrix ``W`` too (both are drawn from the same seeded generator), so their
 inputs can be stacked and multiplied at once: one GEMM per group instead of one per
@@ -111,8 +111,11 @@ def _analyze_round(jobs: Sequence[Job], k: int, repeats: int, m: int, alpha: flo
         t1 = time.perf_counter()
         rctx = [t._rate_prepare(job[1], repeats, m, job[2] if len(job) > 2 else None, None, None)
                 for t, job in zip(testers, jobs)]
-        stacked = torch.cat([c["k_tri"] for c in rctx])  # (B·L·R, T)
-        raw = torch.mm(stacked, rctx[0]["design"].weights).view(b, -1, rctx[0]["design"].weights.shape[1])
+        if len({c["k"].shape[1] for c in rctx}) == 1:  # the same columns (cached reference part or not)
+            stacked = torch.cat([c["k"] for c in rctx])  # (B·L·R, T')
+            raw = torch.mm(stacked, rctx[0]["w"]).view(b, -1, rctx[0]["w"].shape[1])
+        else:
+            raw = [torch.mm(c["k"], c["w"]) for c in rctx]
         rates = [t._rate_finish(c, raw[i], alpha, t1) for i, (t, c) in enumerate(zip(testers, rctx))]
         scores = [t.scores(job[1], k=k) for t, job in zip(testers, jobs)]
     return list(zip(tests, rates, scores))
