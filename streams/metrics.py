@@ -65,6 +65,10 @@ class Metrics:
         self.windows_downsampled = Counter("layerwatch_windows_downsampled_total",
                                            "Published windows sampled down to fit LW_MAX_WINDOW_BYTES", ["model_id"],
                                            registry=r)
+        self.probing_seconds = Counter("layerwatch_probing_seconds_total", "Time the probing detector spent scoring",
+                                       registry=r)
+        self.probing_rows = Counter("layerwatch_probing_rows_total", "Predictions the probing detector scored",
+                                    registry=r)
         self.untested = Counter(
             "layerwatch_windows_untested_total", "Closed windows not tested (no reference yet, layers missing, test failed)",
             ["model_id", "reason"], registry=r)

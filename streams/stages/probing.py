@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
@@ -75,6 +76,7 @@ class ProbingStage:
 
     def _update(self, batches: Sequence[Any]) -> list[tuple[str, ProbingHit]]:
         """(model id, hit) of the step's batches (runs in the probing thread, one call at a time)."""
+        started = time.perf_counter()
         det = self.detector
         with one_blas_thread():
             sketches = np.concatenate([det.sketch(b.layers[PENULTIMATE]) for b in batches])
@@ -84,6 +86,8 @@ class ProbingStage:
         for hit in det.update_sketches(ids, ts, sketches):
             model_id, _, client_id = hit.client_id.partition("\0")
             found.append((model_id, replace(hit, client_id=client_id)))
+        self.metrics.probing_seconds.inc(time.perf_counter() - started)
+        self.metrics.probing_rows.inc(len(ids))
         return found
 
     async def _expire_forever(self) -> None:

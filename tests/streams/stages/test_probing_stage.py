@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from schemas.batch import PENULTIMATE, PredictionBatch
+from streams.metrics import Metrics
 from streams.stages.probing import ProbingStage
 from workers.probing import ProbingDetector
 
@@ -12,6 +13,7 @@ from workers.probing import ProbingDetector
 def _stage() -> ProbingStage:
     stage = ProbingStage.__new__(ProbingStage)  # only the scoring half: no runtime, no Kafka
     stage.detector = ProbingDetector(min_queries=20)
+    stage.metrics = Metrics()
     return stage
 
 
