@@ -106,11 +106,11 @@ class Fleet:
         self.probe_base = self.rng.normal(size=512).astype(np.float32) * 2
         step = max(1, models // max(1, attacked))
         self.attacked = [self.names[i] for i in range(0, models, step)][:attacked]
-        self._noise = {name: self.rng.normal(size=(4 * batch, d)).astype(np.float32) for name, d in self.dims.items()}
+        self._noise = {name: self.rng.normal(size=(8192, d)).astype(np.float32) for name, d in self.dims.items()}
 
     def sample(self, model: str, n: int, shift: float = 0.0, clients: bool = True) -> tuple:
         labels = self.rng.integers(0, self.classes, n)
-        off = int(self.rng.integers(0, 3 * self.batch))
+        off = int(self.rng.integers(0, 8192 - n + 1))
         layers = {name: self.means[model][name][labels] + self._noise[name][off : off + n] + shift
                   for name in self.dims}
         ids = self.clients[self.rng.choice(len(self.clients), size=n, p=self.client_p)] if clients else None
