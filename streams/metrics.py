@@ -65,6 +65,9 @@ class Metrics:
         self.windows_downsampled = Counter("layerwatch_windows_downsampled_total",
                                            "Published windows sampled down to fit LW_MAX_WINDOW_BYTES", ["model_id"],
                                            registry=r)
+        self.forwarded = Counter("layerwatch_records_forwarded_total",
+                                 "Records forwarded to their model's home partition (repartition)", ["model_id"],
+                                 registry=r)
         self.probing_seconds = Counter("layerwatch_probing_seconds_total", "Time the probing detector spent scoring",
                                        registry=r)
         self.probing_rows = Counter("layerwatch_probing_rows_total", "Predictions the probing detector scored",

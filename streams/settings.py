@@ -42,6 +42,7 @@ class Settings:
     kafka_ssl_cafile: str = ""
     topic_prefix: str = "lw."
     topic_partitions: int = 4
+    repartition: bool = True  # forward records off their model's home partition (streams/repartition.py)
     # ClickHouse
     clickhouse_url: str = "chdb://./.layerwatch/store"
     clickhouse_user: str = ""
