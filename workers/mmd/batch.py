@@ -9,8 +9,10 @@ inputs can be stacked and multiplied at once: one GEMM per group instead of one 
 window, with ``W`` (tens of MB at m = 100, P = 500) streamed from memory once per group.
 The layer widths do not matter: kernels are computed per window before the products.
 
-The results are exactly those of :meth:`MMDTester.analyze` on each window alone
-(same permutations, same subsamples, same sums).
+The results are those of :meth:`MMDTester.analyze` on each window alone (same
+permutations, same subsamples; sums to float rounding). Stacking pays on a GPU (one
+kernel launch and one pass over ``W`` per group); on a CPU it does not (measured), so
+by default it is used on CUDA devices only.
 
     >>> import numpy as np
     >>> from workers.mmd import MMDTester
@@ -53,14 +55,23 @@ def _rows(window: Any) -> int:
 
 
 def analyze_batch(jobs: Sequence[Job], *, k: int = 100, repeats: int = 100, m: int = 100,
-                  alpha: float = 0.05) -> list[Analysis]:
+                  alpha: float = 0.05, stack: bool | None = None) -> list[Analysis]:
     """``(test, detection_rate, scores)`` of every ``(tester, window[, window_classes])`` job, in order.
 
     Jobs are grouped by :func:`_key`; within a group each round takes each tester at most
     once (a tester keeps one window's kernels at a time) and runs the round's two GEMMs
     stacked. A tester that cannot be batched (its own ``torch.Generator``) is analysed alone.
+    ``stack`` (default: on a CUDA device only) chooses stacking: on a CPU the GEMMs are
+    compute-bound already and the copies into the stacked inputs cost more than they save
+    (measured by bench/drift_capacity.py), so the windows are analysed one by one there.
     """
     out: list[Analysis | None] = [None] * len(jobs)
+    if not jobs:
+        return []
+    # the stacked rate inputs are (windows × L·R × T) floats: at most ~256 MB of them at once
+    t0 = jobs[0][0]
+    per_window = len(t0._layers) * repeats * (min(m, t0.n_reference) + min(m, _rows(jobs[0][1]))) ** 2 // 2 * 4
+    max_stack = max(1, (256 << 20) // max(1, per_window))
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         tester, window = job[0], job[1]
@@ -75,14 +86,17 @@ def analyze_batch(jobs: Sequence[Job], *, k: int = 100, repeats: int = 100, m: i
             for i in pending:
                 (later if id(jobs[i][0]) in seen else round_).append(i)
                 seen.add(id(jobs[i][0]))
-            if not key[4] or len(round_) == 1:  # a shared generator, or nothing to stack with
+            stacking = stack if stack is not None else key[6].startswith("cuda")
+            if not key[4] or len(round_) == 1 or not stacking:  # a shared generator, nothing to stack with, CPU
                 for i in round_:
                     t, w = jobs[i][0], jobs[i][1]
                     out[i] = t.analyze(w, k=k, repeats=repeats, m=m, alpha=alpha,
                                        window_classes=jobs[i][2] if len(jobs[i]) > 2 else None)
             else:
-                for i, result in zip(round_, _analyze_round([jobs[i] for i in round_], k, repeats, m, alpha)):
-                    out[i] = result
+                for lo in range(0, len(round_), max_stack):
+                    part = round_[lo : lo + max_stack]
+                    for i, result in zip(part, _analyze_round([jobs[i] for i in part], k, repeats, m, alpha)):
+                        out[i] = result
             pending = later
     return out  # type: ignore[return-value]
 
@@ -109,20 +123,31 @@ def _analyze_round(jobs: Sequence[Job], k: int, repeats: int, m: int, alpha: flo
         tests = [t._test_finish(c, forms[i], t0) for i, (t, c) in enumerate(zip(testers, ctxs))]
         # the LADIS rate: every window's k_tri stacked, times W once
         t1 = time.perf_counter()
-        rctx = [t._rate_prepare(job[1], repeats, m, job[2] if len(job) > 2 else None, None, None)
-                for t, job in zip(testers, jobs)]
-        if len({c["k"].shape[1] for c in rctx}) == 1:  # the same columns (cached reference part or not)
-            stacked = torch.cat([c["k"] for c in rctx])  # (B·L·R, T')
-            raw = torch.mm(stacked, rctx[0]["w"]).view(b, -1, rctx[0]["w"].shape[1])
-        else:
-            raw = [torch.mm(c["k"], c["w"]) for c in rctx]
+        rctx, stacked = [], None
+        for i, (t, job) in enumerate(zip(testers, jobs)):
+            c = t._rate_prepare(job[1], repeats, m, job[2] if len(job) > 2 else None, None, None)
+            kt = c.pop("k")  # a per-thread buffer the next tester overwrites: copied into its rows at once
+            if stacked is None:
+                stacked = torch.empty(b, *kt.shape, dtype=kt.dtype, device=kt.device)
+            if kt.shape != stacked.shape[1:]:  # some testers have the reference part cached, some not yet
+                c["k"] = kt.clone()
+            else:
+                stacked[i] = kt
+            rctx.append(c)
+        raw = [torch.mm(c["k"], c["w"]) if "k" in c else None for c in rctx]
+        rest = [i for i, r in enumerate(raw) if r is None]
+        if rest:
+            w = rctx[rest[0]]["w"]
+            block = torch.mm(stacked[rest].view(-1, w.shape[0]) if len(rest) < b else stacked.view(-1, w.shape[0]), w)
+            for j, i in enumerate(rest):
+                raw[i] = block.view(len(rest), -1, w.shape[1])[j]
         rates = [t._rate_finish(c, raw[i], alpha, t1) for i, (t, c) in enumerate(zip(testers, rctx))]
         scores = [t.scores(job[1], k=k) for t, job in zip(testers, jobs)]
     return list(zip(tests, rates, scores))
 
 
 def analyze_windows(jobs: Sequence[tuple[DriftTest, Mapping[str, np.ndarray], np.ndarray | None]],
-                    options: AnalysisOptions) -> list[WindowAnalysis]:
+                    options: AnalysisOptions, stack: bool | None = None) -> list[WindowAnalysis]:
     """:meth:`DriftTest.analyze` of every ``(test, window, window_classes)``, MMD tests batched, in order.
 
     The drift stage's (and a separate test worker's) entry point: built-in MMD tests go
@@ -150,7 +175,7 @@ def analyze_windows(jobs: Sequence[tuple[DriftTest, Mapping[str, np.ndarray], np
         results: list[Any] = [None] * len(batched)
         for m, js in by_m.items():
             for j, r in zip(js, analyze_batch([mmd_jobs[j] for j in js], k=options.top_k, repeats=options.repeats,
-                                              m=m, alpha=options.alpha)):
+                                              m=m, alpha=options.alpha, stack=stack)):
                 results[j] = r
         for j, i in enumerate(batched):
             out[i] = jobs[i][0].verdicts(*results[j])

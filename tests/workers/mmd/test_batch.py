@@ -30,7 +30,7 @@ def test_batched_equals_one_by_one_across_references_sizes_and_repeated_testers(
     for t, shift in [(testers[0], 0.0), (testers[1], 0.8), (testers[2], 0.0), (testers[0], 0.6), (testers[1], 0.0)]:
         d = t._layers["pen"].x.shape[1], t._layers["aux"].x.shape[1]
         jobs.append((t, {"pen": rng.normal(size=(60, d[0])) + shift, "aux": rng.normal(size=(60, d[1]))}))
-    batched = analyze_batch(jobs, k=5, repeats=12, m=30)
+    batched = analyze_batch(jobs, k=5, repeats=12, m=30, stack=True)
     for (t, w), (test, rate, scores) in zip(jobs, batched):
         alone_test, alone_rate, alone_scores = t.analyze(w, k=5, repeats=12, m=30)
         assert np.isclose(test.mmd2, alone_test.mmd2, rtol=1e-4, atol=1e-7)
@@ -62,7 +62,7 @@ def test_analyze_windows_batches_mmd_tests_and_runs_other_tests_alone() -> None:
     windows = [{"pen": rng.normal(size=(50, 8)) + s} for s in (0.0, 1.0, 0.0)]
     options = AnalysisOptions(top_k=5, repeats=10, m=25)
     out = analyze_windows([(mmd[0], windows[0], None), (other, windows[2], None), (mmd[1], windows[1], None)],
-                          options)
+                          options, stack=True)
     assert out[1] == "constant" and other.calls == 1
     assert out[2].combined.detection_rate > out[0].combined.detection_rate
     alone = mmd[1].analyze(windows[1], options)
