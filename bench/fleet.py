@@ -99,7 +99,11 @@ class Fleet:
         self.model_p = w / w.sum()
         c = 1.0 / np.arange(1, clients + 1) ** zipf
         self.client_p = c / c.sum()
-        self.clients = np.array([PROBER] + [f"client-{i}" for i in range(1, clients)], dtype=object)
+        # the prober is the 50th most active client (~0.2 % of rows with 5,000 clients): enough to be found,
+        # too few to shift a model's windows away from its reference
+        names = [f"client-{i}" for i in range(clients)]
+        names[min(49, clients - 1)] = PROBER
+        self.clients = np.array(names, dtype=object)
         self.means = {m: {name: self.rng.normal(size=(classes, d)).astype(np.float32) for name, d in self.dims.items()}
                       for m in self.names}
         self.heads = {m: self.rng.normal(size=(512, classes)).astype(np.float32) / np.sqrt(512) for m in self.names}
@@ -387,9 +391,14 @@ def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: An
         arrived = dict(watcher.arrived)
         tested_keys = [k for k in due if k in arrived]
         lags = np.array([(arrived[k] - due[k] - 1000) / 1000 for k in tested_keys]) if tested_keys else np.zeros(0)
-        alerts = query(url, "SELECT model_id, count() FROM alerts FINAL WHERE kind = 'distribution_shift' "
-                            "AND state = 'open' AND ts_ms >= {t} GROUP BY model_id", {"t": paced["sent"][0][1]})
-        opened = {r[0]: int(r[1]) for r in alerts}
+        def opened_alerts() -> dict[str, int]:
+            rows = query(url, "SELECT model_id, count() FROM alerts FINAL WHERE kind = 'distribution_shift' "
+                              "AND state = 'open' AND ts_ms >= {t} GROUP BY model_id", {"t": paced["sent"][0][1]})
+            return {r[0]: int(r[1]) for r in rows}
+
+        deadline = time.monotonic() + 30  # the alerts agent follows the drift rows
+        while not all(m in (opened := opened_alerts()) for m in fleet.attacked) and time.monotonic() < deadline:
+            time.sleep(2.0)
         result.update(
             paced_rate=opts.paced_rate, paced_actual_per_s=paced["predictions"] / paced["wall_s"],
             windows_due=len(due), windows_tested=len(tested_keys),

@@ -46,6 +46,7 @@ import torch
 
 _NEVER = -(2**62)
 _INITIAL_ROWS = 1024
+_CHUNK = 1024  # rows scored at a time: 1024 x 64 x 32 float32 gathered = 8 MiB
 _BLAS: Any = None
 
 
@@ -316,12 +317,17 @@ class ProbingDetector:
             c = np.where(ok, c, -1)
             cand[:, j] = c
             c = np.where(ok, self._prev[c % rows], -1)
-        valid = cand >= 0
-        slots = np.where(valid, cand % rows, 0)
-        sim = np.matmul(self._emb[slots], y[:, :, None])[:, :, 0]  # (n, k): one batched product
-        near = valid & (sim >= self.similarity) & (sim < self.identical)
-        near &= np.abs(ts[:, None] - self._ts[slots]) <= self.window_ms
-        count = np.count_nonzero(near, axis=1)
+        count = np.zeros(n, np.int64)
+        mean_sim = np.zeros(n, np.float32)
+        for lo in range(0, n, _CHUNK):  # the gathered sketches are (rows, k, sketch_dim): bounded per chunk
+            hi = min(n, lo + _CHUNK)
+            valid = cand[lo:hi] >= 0
+            slots = np.where(valid, cand[lo:hi] % rows, 0)
+            sim = np.matmul(self._emb[slots], y[lo:hi, :, None])[:, :, 0]  # (rows, k): one batched product
+            near = valid & (sim >= self.similarity) & (sim < self.identical)
+            near &= np.abs(ts[lo:hi, None] - self._ts[slots]) <= self.window_ms
+            count[lo:hi] = np.count_nonzero(near, axis=1)
+            mean_sim[lo:hi] = np.where(near, sim, 0.0).sum(axis=1) / np.maximum(count[lo:hi], 1)
         # flags, per client: quiet for a whole window before this batch -> unflagged; the first row reaching
         # min_queries of an unflagged client is a hit; the latest row with a near-duplicate is remembered
         starts = np.flatnonzero(first)
@@ -335,5 +341,5 @@ class ProbingDetector:
             return []
         firsts = reached[np.append(True, code[reached[1:]] != code[reached[:-1]])]
         self._flagged[slot[firsts]] = True
-        return [ProbingHit(names[int(code[i])], int(ts[i]), int(count[i]), float(sim[i][near[i]].mean()))
+        return [ProbingHit(names[int(code[i])], int(ts[i]), int(count[i]), float(mean_sim[i]))
                 for i in firsts.tolist()]
