@@ -413,8 +413,8 @@ def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: An
                            "attacked_models_alerted": sum(1 for m in fleet.attacked if opened.get(m)),
                            "clean": sum(n for m, n in opened.items() if m not in fleet.attacked),
                            "clean_models_alerted": sorted(m for m in opened if m not in fleet.attacked)},
-            test_seconds_mean=(sum(metric_sum(u, "layerwatch_test_seconds_sum") for _, u in workers)
-                               / max(1.0, sum(metric_sum(u, "layerwatch_test_seconds_count") for _, u in workers))),
+            test_seconds_mean=(sum(metric_sum(u, "layerwatch_window_test_duration_seconds_sum") for _, u in workers)
+                               / max(1.0, sum(metric_sum(u, "layerwatch_window_test_duration_seconds_count") for _, u in workers))),
         )
         rss.stop()
         sampler.stop()

@@ -75,7 +75,7 @@ class Metrics:
         self.untested = Counter(
             "layerwatch_windows_untested_total", "Closed windows not tested (no reference yet, layers missing, test failed)",
             ["model_id", "reason"], registry=r)
-        self.test_batch = Histogram("layerwatch_test_batch_windows", "Windows tested together in one batch",
+        self.test_batch = Histogram("layerwatch_drift_test_batch_windows", "Windows tested together in one batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.drift_queue = Gauge("layerwatch_drift_queue_windows", "Closed windows waiting for a test", registry=r)
         self.test_seconds = Histogram(

@@ -239,6 +239,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "probing_min_queries": (1, None, True, True),
     "probing_window_s": (0, None, False, True),
     "probing_throttle_s": (0, None, True, True),
+    "probing_max_clients": (1, None, True, True),
+    "probing_buffer_rows": (256, None, True, True),
+    "drift_batch": (1, None, True, True),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
