@@ -73,6 +73,7 @@ class Settings:
     window_max_samples: int = 200
     window_min_samples: int = 50
     window_count_trigger: int = 0  # slow models: events of too-small windows are carried over and tested once this many arrived (0: off)
+    window_lateness_s: float = 1.0  # a window closes when its model's newest event is this far past its end
     reference_max: int = 1000
     reference_bootstrap: int = 0  # a model version with no reference gets one from its first N live events (0: off)
     mmd_permutations: int = 200
@@ -222,6 +223,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "window_max_samples": (2, None, True, True),
     "window_min_samples": (2, None, True, True),
     "window_count_trigger": (0, None, True, True),
+    "window_lateness_s": (0, None, True, True),
     "reference_max": (2, None, True, True),
     "reference_bootstrap": (0, None, True, True),
     "mmd_permutations": (1, None, True, True),

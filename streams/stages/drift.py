@@ -75,7 +75,8 @@ class DriftStage:
         # publish: closed windows go to lw.windows for the test workers instead of being tested here
         self.windows_topic = runtime.topics.windows if publish else None
         self.windows = WindowManager(size_s=s.window_size_s, step_s=s.window_step_s, capacity=s.window_max_samples,
-                                     min_samples=s.window_min_samples, count_trigger=s.window_count_trigger)
+                                     min_samples=s.window_min_samples, count_trigger=s.window_count_trigger,
+                                     lateness_s=s.window_lateness_s)
         # windows closed in a burst (a backlog replayed after a restart) are tested one by one up to
         # two minutes' worth per key; only past that are they merged
         self.pending = Coalescer(capacity=s.window_max_samples, max_pending=max(1, int(120 / s.window_step_s)))

@@ -48,6 +48,9 @@ def test_random_partitioner_two_workers_every_window_in_one_drift_row(broker, cl
             "LW_WINDOW_SIZE_S": str(SIZE_MS / 1000), "LW_WINDOW_STEP_S": str(STEP_MS / 1000),
             "LW_WINDOW_MAX_SAMPLES": "256", "LW_WINDOW_MIN_SAMPLES": "50", "LW_MMD_PERMUTATIONS": "50",
             "LW_DETECTION_REPEATS": "10", "LW_DETECTION_M": "50", "LW_AGENTS": "sink,drift",
+            # a forwarded record reaches its home a step or two after its neighbours (up to ~1-2 s on this
+            # loaded machine): the windows wait that long past their end (docs/scale-out.md)
+            "LW_WINDOW_LATENESS_S": "4",
         }
         _, url = stack.start_worker(name="worker0", timeout=180)
         _, url1 = stack.start_worker(name="worker1", timeout=180)
@@ -99,8 +102,9 @@ def test_random_partitioner_two_workers_every_window_in_one_drift_row(broker, cl
         by_window = {}
         for model, start, end, n_window in got:
             by_window.setdefault((model, int(start)), []).append((int(end), int(n_window)))
-        for (m, start), n in expected.items():
-            rows_of = by_window[(m, start)]
-            assert rows_of == [(start + SIZE_MS, n)], (m, start, rows_of, n)
+        late = sum(_metric(u, "layerwatch_events_late_total") for u in (url, url1))
+        wrong = {(m, start - min(s for _, s in expected)): (by_window.get((m, start)), n)
+                 for (m, start), n in expected.items() if by_window.get((m, start)) != [(start + SIZE_MS, n)]}
+        assert not wrong, f"{len(wrong)} of {len(expected)} windows differ (late events: {late}): {wrong}"
         events = scalar(url, "SELECT uniqExact(event_id) FROM predictions")
         assert events == 600 + 3 * 600 + 3
