@@ -74,6 +74,7 @@ from rich.table import Table  # noqa: E402
 
 from schemas import PredictionBatch, encode_batch  # noqa: E402
 from streams.kafka import ensure_topics  # noqa: E402
+from streams.repartition import murmur2_partition  # noqa: E402
 from streams.rows import now_ms  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.stack import LocalStack  # noqa: E402
@@ -155,9 +156,7 @@ def metric_sum(url: str, name: str) -> float:
 
 def partition_of(model: str, partitions: int) -> int:
     """kafka-python's default partitioner (murmur2 of the key), as the worker's own producers."""
-    from kafka.partitioner.default import murmur2
-
-    return (murmur2(model.encode()) & 0x7FFFFFFF) % partitions
+    return murmur2_partition(model.encode(), partitions)
 
 
 # ----------------------------------------------------------------------------- phases

@@ -8,9 +8,8 @@ client simply retrying sends *exact* repeats. Each new embedding counts its clie
 ``[similarity, identical)``; a client whose count reaches ``min_queries`` is flagged once,
 until it goes quiet (no near-duplicate for ``window_s``) or :meth:`ProbingDetector.clear`.
 
-Cost independent of the number of clients. One detector serves one model (embeddings of
-different models are not comparable) and holds **one shared, bounded buffer** of the
-model's recent queries, whatever client sent them: a ring of ``buffer_rows`` rows at most
+Cost independent of the number of clients. A detector holds **one shared, bounded buffer**
+of recent queries, whatever client sent them: a ring of ``buffer_rows`` rows at most
 (grown by doubling while its oldest row is still within ``window_s``), each row a sketch of
 the embedding, its timestamp and a pointer to the previous row *of the same client*. An
 ingest step is then a fixed number of array operations, none per client:
@@ -18,17 +17,17 @@ ingest step is then a fixed number of array operations, none per client:
 1. the batch's embeddings are projected to ``sketch_dim`` dimensions by one product with a
    fixed, seeded Gaussian matrix (Johnson-Lindenstrauss: cosines are kept to within
    about ``(1 - cos²) / sqrt(sketch_dim)``; embeddings of at most ``sketch_dim``
-   dimensions are kept as they are) and L2-normalised;
+   dimensions are zero-padded, not projected) and L2-normalised;
 2. the rows are written to the ring, each pointing at its client's previous row;
 3. ``sketch_size`` pointer hops give every row the ring slots of its client's previous
    queries, and one batched product of the rows with those slots gives all similarities.
 
 So a prediction costs ``O(sketch_size * sketch_dim + dim * sketch_dim)`` whatever the number
 of clients: the per-client dictionary that maps a client id to its state is touched once
-per distinct client of the batch, not per row. Memory per model is bounded by
+per distinct client of the batch, not per row. Memory is bounded by
 ``buffer_rows * (4 * sketch_dim + 16)`` bytes plus ``max_clients`` small slots (the
 least-recently-seen clients are evicted). A client whose earlier queries fell out of the
-ring (more than ``buffer_rows`` queries of the model since) simply sees fewer of them.
+ring (more than ``buffer_rows`` queries since) simply sees fewer of them.
 
 One detector can hold several models (the worker's probing stage does): sketches of any
 width share one space, and client ids that name the model keep models apart.
