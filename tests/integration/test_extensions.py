@@ -60,6 +60,9 @@ def test_a_drift_test_and_an_alert_sink_added_by_settings_run_in_a_worker(broker
                                                       for line in sink_file.read_text().splitlines()),
                    timeout=60, message="the alert delivered to the documented sink")
         other_tests = scalar(url, "SELECT count() FROM drift_windows FINAL WHERE device != 'mean-shift'")
+        # the kafka sink's path to the store (lw.alerts, the results sink, a write) is longer than the file's
+        wait_until(lambda: scalar(url, "SELECT count() FROM alerts FINAL WHERE state = 'open'") >= 1, timeout=30,
+                   message="the alert stored through the kafka sink")
         stored = scalar(url, "SELECT count() FROM alerts FINAL WHERE state = 'open'")
     assert other_tests == 0  # the configured test replaced MMD, it did not run beside it
     opened = [json.loads(line) for line in sink_file.read_text().splitlines()]
