@@ -228,8 +228,8 @@ class ProbingDetector:
             x = x @ projection(x.shape[1], self.sketch_dim, self.seed)
         elif x.shape[1] < self.sketch_dim:
             x = np.pad(x, ((0, 0), (0, self.sketch_dim - x.shape[1])))
-        x *= (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12))[:, None]
-        return x
+        # not in place: x may be the caller's (read-only, decoded) array when no projection or padding was needed
+        return x * (1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12))[:, None]
 
     # -- scoring
     def update(

@@ -169,3 +169,12 @@ def test_same_throttle_decisions_as_the_per_client_detector_on_the_demo_prober(d
     assert {c for _, c, _, _ in decisions_old} == {"prober-0"}
     assert decisions_new == decisions_old
 
+
+
+def test_read_only_float32_embeddings_of_the_sketch_width_are_accepted() -> None:
+    """Decoded batches are read-only views of the record's bytes; at the sketch width they are used as they are."""
+    rng = np.random.default_rng(9)
+    emb = _probe(rng, 30)[:, :32].astype(np.float32)
+    emb.flags.writeable = False
+    hits = ProbingDetector(min_queries=20).update(["m"] * 30, np.arange(30), emb)
+    assert [(h.client_id, h.count) for h in hits] == [("m", 20)]
