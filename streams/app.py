@@ -26,6 +26,7 @@ from streams.ingest import MAX_DEAD_LETTER_BYTES, dead_letter, decode_records
 from streams.kafka import faust_credentials
 from streams.lag import report_lag_forever
 from streams.pipeline import StagePipeline
+from streams.repartition import Router
 from streams.runtime import INGEST_AGENTS, Runtime, parse_agents
 from streams.settings import Settings
 from streams.store import Store, open_store_from_settings
@@ -149,7 +150,12 @@ async def wait_for_port(host: str, port: int, timeout_s: float = 60.0) -> bool:
 def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
     settings, metrics = runtime.settings, runtime.metrics
 
-    @app.agent(runtime.topics.predictions, name="layerwatch.ingest")
+    t = runtime.topics
+    router = Router(settings.topic_partitions, t.predictions.get_topic_name()) if settings.repartition else None
+    source = app.topic(t.predictions.get_topic_name(), t.by_model.get_topic_name(), key_serializer="raw",
+                       value_serializer="raw") if router else t.predictions
+
+    @app.agent(source, name="layerwatch.ingest")
     async def ingest(stream: faust.StreamT) -> None:
         pipeline = StagePipeline(runtime)
         known_models = settings.known_models
@@ -161,6 +167,8 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
                 for record in dead:
                     await runtime.dead_letter(record)
                 metrics.last_ingest.set_to_current_time()
+                if router is not None:
+                    good = await _forward(runtime, router, good, raw)
                 for d in good:
                     metrics.records.labels(d.topic).inc()
                     metrics.events.labels(d.batch.model_id, d.batch.role).inc(d.batch.n)
@@ -175,6 +183,21 @@ def _add_ingest_agent(app: faust.App, runtime: Runtime) -> None:
         except Exception as exc:
             runtime.health_board.fail("ingest", f"ingest agent crashed: {exc!r}")
             raise
+
+
+async def _forward(runtime: Runtime, router: Router, good: list[R.Delivered], raw: list[tuple]) -> list[R.Delivered]:
+    """Forward the records that are not on their model's home partition (raw, keyed by model id); the rest."""
+    here, away = router.split(good)
+    if away:
+        values = {(topic, partition, offset): value for value, topic, partition, offset, *_ in raw}
+        sent = [await runtime.topics.by_model.send(key=d.batch.model_id.encode(), partition=home,
+                                                   value=values[(d.topic, d.partition, d.offset)])
+                for d, home in away]
+        for fut in sent:
+            await fut  # acked by the broker before this step's records are
+        for d, _ in away:
+            runtime.metrics.forwarded.labels(d.batch.model_id).inc()
+    return here
 
 
 async def _write_or_split(runtime: Runtime, good: list[R.Delivered]

@@ -7,7 +7,7 @@ from typing import Any
 from streams.settings import Settings
 
 #: every topic layerwatch uses, by short name (full name: ``settings.topic(name)``)
-TOPICS = ("predictions", "drift", "labels", "alerts", "actions", "dlq", "windows")
+TOPICS = ("predictions", "predictions-by-model", "drift", "labels", "alerts", "actions", "dlq", "windows")
 
 
 def kafka_python_config(settings: Settings) -> dict[str, Any]:

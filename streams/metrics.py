@@ -67,6 +67,19 @@ class Metrics:
         self.windows_downsampled = Counter("layerwatch_windows_downsampled_total",
                                            "Published windows sampled down to fit LW_MAX_WINDOW_BYTES", ["model_id"],
                                            registry=r)
+        self.forwarded = Counter("layerwatch_records_forwarded_total",
+                                 "Records forwarded to their model's home partition (repartition)", ["model_id"],
+                                 registry=r)
+        self.probing_seconds = Counter("layerwatch_probing_seconds_total", "Time the probing detector spent scoring",
+                                       registry=r)
+        self.probing_rows = Counter("layerwatch_probing_rows_total", "Predictions the probing detector scored",
+                                    registry=r)
+        self.untested = Counter(
+            "layerwatch_windows_untested_total", "Closed windows not tested (no reference yet, layers missing, test failed)",
+            ["model_id", "reason"], registry=r)
+        self.test_batch = Histogram("layerwatch_drift_test_batch_windows", "Windows tested together in one batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.drift_queue = Gauge("layerwatch_drift_queue_windows", "Closed windows waiting for a test", registry=r)
         self.test_seconds = Histogram(
             "layerwatch_window_test_duration_seconds", "Wall time of one window's drift tests",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,

@@ -66,6 +66,7 @@ class Topics:
     """The Faust topics a worker reads and writes (names from ``settings.topic``)."""
 
     predictions: Any
+    by_model: Any  # lw.predictions-by-model: records forwarded to their model's home partition (streams/repartition.py)
     drift: Any
     labels: Any
     alerts: Any
@@ -75,8 +76,9 @@ class Topics:
 
     @classmethod
     def create(cls, app: Any, settings: Settings) -> "Topics":
-        return cls(**{name: app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw",
-                                      partitions=settings.topic_partitions) for name in TOPICS})
+        return cls(**{name.replace("predictions-by-model", "by_model"): app.topic(
+            settings.topic(name), key_serializer="raw", value_serializer="raw", partitions=settings.topic_partitions)
+            for name in TOPICS})
 
 
 class Health:

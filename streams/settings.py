@@ -42,6 +42,7 @@ class Settings:
     kafka_ssl_cafile: str = ""
     topic_prefix: str = "lw."
     topic_partitions: int = 4
+    repartition: bool = True  # forward records off their model's home partition (streams/repartition.py)
     # ClickHouse
     clickhouse_url: str = "chdb://./.layerwatch/store"
     clickhouse_user: str = ""
@@ -77,6 +78,7 @@ class Settings:
     window_max_samples: int = 200
     window_min_samples: int = 50
     window_count_trigger: int = 0  # slow models: events of too-small windows are carried over and tested once this many arrived (0: off)
+    window_lateness_s: float = 1.0  # a window closes when its model's newest event is this far past its end
     reference_max: int = 1000
     reference_bootstrap: int = 0  # a model version with no reference gets one from its first N live events (0: off)
     mmd_permutations: int = 200
@@ -88,6 +90,7 @@ class Settings:
     max_window_bytes: int = 8 * 1024 * 1024  # a window published to lw.windows is sampled down to fit
     test_batch_windows: int = 16  # windows a test worker takes per step
     drift_layers: str = "penultimate"  # layers the window test uses: all, or a comma list (the detector uses every layer)
+    drift_batch: int = 32  # closed windows tested together (MMD GEMMs stacked across models)
     drift_test: str = "mmd"  # the window test: mmd, or package.module:factory (docs/architecture.md)
     # alerts
     alert_detection_rate: float = 0.5
@@ -111,6 +114,8 @@ class Settings:
     probing_min_queries: int = 20
     probing_window_s: float = 30.0
     probing_throttle_s: float = 60.0
+    probing_max_clients: int = 100_000  # (model, client) pairs tracked; the least recently seen are forgotten
+    probing_buffer_rows: int = 1 << 20  # shared ring of recent queries (all models): at most ~150 MiB
     # classifier
     classifier_path: str = ""  # default: <state_dir>/classifier/classifier.skops
 
@@ -224,6 +229,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "window_max_samples": (2, None, True, True),
     "window_min_samples": (2, None, True, True),
     "window_count_trigger": (0, None, True, True),
+    "window_lateness_s": (0, None, True, True),
     "reference_max": (2, None, True, True),
     "reference_bootstrap": (0, None, True, True),
     "mmd_permutations": (1, None, True, True),
@@ -241,6 +247,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "probing_min_queries": (1, None, True, True),
     "probing_window_s": (0, None, False, True),
     "probing_throttle_s": (0, None, True, True),
+    "probing_max_clients": (1, None, True, True),
+    "probing_buffer_rows": (256, None, True, True),
+    "drift_batch": (1, None, True, True),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -6,8 +6,11 @@ Windows live in memory (never in Faust tables: a table write republishes the val
 after a restart :mod:`streams.recovery` rebuilds them through :meth:`DriftStage.pause`,
 :meth:`DriftStage.replay` and :meth:`DriftStage.resume`. The test (``LW_DRIFT_TEST``,
 MMD by default; see :mod:`workers.drift`) runs in a one-thread executor so the event
-loop keeps heart-beating; when tests fall behind, pending windows of a key are coalesced
-(counted in ``layerwatch_windows_coalesced_total``).
+loop keeps heart-beating; the loop drains every waiting window at once (up to
+``LW_DRIFT_BATCH``), MMD tests of windows of equal shape stacked into shared GEMMs. When
+tests fall behind, pending windows of a key are coalesced (counted in
+``layerwatch_windows_coalesced_total``); a window that is not tested at all (no reference
+yet, layers missing, the test failed) is counted in ``layerwatch_windows_untested_total``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from streams.rows import Delivered, now_ms
 from streams.stages.bootstrap import ReferenceBootstrap
 from streams.stages.references import Reference, ReferenceCache, drift_layers
 from workers.drift import AnalysisOptions, Verdict, WindowAnalysis
+from workers.mmd.batch import analyze_windows
 from workers.windows import ClosedWindow, Coalescer, WindowManager
 
 if TYPE_CHECKING:
@@ -71,7 +75,8 @@ class DriftStage:
         # publish: closed windows go to lw.windows for the test workers instead of being tested here
         self.windows_topic = runtime.topics.windows if publish else None
         self.windows = WindowManager(size_s=s.window_size_s, step_s=s.window_step_s, capacity=s.window_max_samples,
-                                     min_samples=s.window_min_samples, count_trigger=s.window_count_trigger)
+                                     min_samples=s.window_min_samples, count_trigger=s.window_count_trigger,
+                                     lateness_s=s.window_lateness_s)
         # windows closed in a burst (a backlog replayed after a restart) are tested one by one up to
         # two minutes' worth per key; only past that are they merged
         self.pending = Coalescer(capacity=s.window_max_samples, max_pending=max(1, int(120 / s.window_step_s)))
@@ -79,6 +84,7 @@ class DriftStage:
         self.bootstrap = ReferenceBootstrap(s, runtime.writer, self.references)
         self.options = analysis_options(s)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-mmd")
+        self.batch_size = max(1, int(s.drift_batch))
         self.wakeup = asyncio.Event()
         self.tested = 0
         self._ready = asyncio.Event()  # cleared while recovery rebuilds the windows after a (re)start
@@ -162,15 +168,35 @@ class DriftStage:
             self.enqueue(self.windows.close_idle(now_ms()))
 
     async def run(self) -> None:
-        """One window at a time; newer data is coalesced while a test runs."""
+        """Drain the queue in batches: every window waiting (up to ``drift_batch``) is tested in one call,
+        the MMD tests of windows of equal shape stacked into shared GEMMs (:mod:`workers.mmd.batch`);
+        windows closing meanwhile queue (and are coalesced, counted, past two minutes' worth per key)."""
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while (window := self.pending.pop_any()) is not None:
+            while len(self.pending):
+                windows = []
+                while len(windows) < self.batch_size and (window := self.pending.pop_any()) is not None:
+                    windows.append(window)
+                self.metrics.drift_queue.set(len(self.pending))
+                if self.windows_topic is not None:  # published for the test workers (streams/window_tests.py)
+                    for window in windows:
+                        try:
+                            await self._publish(window)
+                        except Exception:
+                            log.exception("publishing window %s failed", window.window_id)
+                            self.metrics.untested.labels(window.model_id, "failed").inc()
+                    continue
                 try:
-                    await (self._test(window) if self.windows_topic is None else self._publish(window))
-                except Exception:  # a failed test must not stop the loop
-                    log.exception("testing window %s failed", window.window_id)
+                    await self._test_batch(windows)
+                except Exception:  # a failed batch must not stop the loop: one by one, to find the bad window
+                    log.exception("testing a batch of %d windows failed; testing them one by one", len(windows))
+                    for window in windows:
+                        try:
+                            await self._test_batch([window])
+                        except Exception:
+                            log.exception("testing window %s failed", window.window_id)
+                            self.metrics.untested.labels(window.model_id, "failed").inc()
 
     async def _publish(self, window: ClosedWindow) -> None:
         sample = WindowSample(window.window_id, window.model_id, window.model_version, window.start_ms, window.end_ms,
@@ -182,23 +208,38 @@ class DriftStage:
         await self.windows_topic.send(key=window.model_id.encode(), value=value)
         self.metrics.windows_published.labels(window.model_id).inc()
 
-    async def _test(self, window: ClosedWindow) -> None:
-        reference = await self.references.get(window.key, self.executor)
-        if reference is None:
-            return
-        layers = {name: window.layers[name] for name in reference.layers if name in window.layers}
-        if len(layers) != len(reference.layers):
-            log.warning("window %s lacks layers %s of the reference; skipped", window.window_id,
-                        sorted(set(reference.layers) - set(layers)))
+    async def _jobs(self, windows: list[ClosedWindow]) -> list[tuple[ClosedWindow, Reference, dict]]:
+        """The windows that can be tested, with their references and layers; the others are counted."""
+        jobs = []
+        for window in windows:
+            reference = await self.references.get(window.key, self.executor)
+            if reference is None:
+                self.metrics.untested.labels(window.model_id, "no_reference").inc()
+                continue
+            layers = {name: window.layers[name] for name in reference.layers if name in window.layers}
+            if len(layers) != len(reference.layers):
+                log.warning("window %s lacks layers %s of the reference; skipped", window.window_id,
+                            sorted(set(reference.layers) - set(layers)))
+                self.metrics.untested.labels(window.model_id, "missing_layers").inc()
+                continue
+            jobs.append((window, reference, layers))
+        return jobs
+
+    async def _test_batch(self, windows: list[ClosedWindow]) -> None:
+        jobs = await self._jobs(windows)
+        if not jobs:
             return
         started = time.perf_counter()
-        analysis = await asyncio.get_running_loop().run_in_executor(
-            self.executor, reference.test.analyze, layers, self.options, window.predicted)
+        analyses = await asyncio.get_running_loop().run_in_executor(
+            self.executor, analyze_windows, [(ref.test, layers, w.predicted) for w, ref, layers in jobs], self.options)
         elapsed = time.perf_counter() - started
-        self.metrics.test_seconds.observe(elapsed)
-        self.metrics.windows.labels(window.model_id).inc()
-        self.tested += 1
-        for record in drift_records(window, reference, analysis, self.settings, elapsed * 1000):
-            self.metrics.detection_rate.labels(window.model_id, record["layer"]).set(record["detection_rate"])
-            self.metrics.p_value.labels(window.model_id, record["layer"]).set(record["p_value"])
-            await self.topic.send(key=window.model_id.encode(), value=encode("DriftResult", record))
+        self.metrics.test_batch.observe(len(jobs))
+        for (window, reference, _), analysis in zip(jobs, analyses):
+            per_window = elapsed / len(jobs)
+            self.metrics.test_seconds.observe(per_window)
+            self.metrics.windows.labels(window.model_id).inc()
+            self.tested += 1
+            for record in drift_records(window, reference, analysis, self.settings, per_window * 1000):
+                self.metrics.detection_rate.labels(window.model_id, record["layer"]).set(record["detection_rate"])
+                self.metrics.p_value.labels(window.model_id, record["layer"]).set(record["p_value"])
+                await self.topic.send(key=window.model_id.encode(), value=encode("DriftResult", record))

@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 from schemas.batch import PENULTIMATE
 from schemas.codec import encode
 from streams.rows import Delivered, now_ms
-from workers.probing import ProbingDetector
+from workers.probing import ProbingDetector, ProbingHit, one_blas_thread
 
 if TYPE_CHECKING:
     from streams.runtime import Runtime
 
 
 class ProbingStage:
-    """One :class:`~workers.probing.ProbingDetector` per model on the penultimate embeddings; hits become
-    a probing alert (through the alert hub) and a throttle action on ``lw.actions``."""
+    """Near-duplicate queries per (model, client) on the penultimate embeddings; hits become a probing
+    alert (through the alert hub) and a throttle action on ``lw.actions``.
+
+    One :class:`~workers.probing.ProbingDetector` holds every model: each batch is sketched
+    (projected to the detector's sketch width, so models of any width share one ring), the
+    client ids are prefixed with the model id (embeddings of different models are never
+    compared), and the whole ingest step is scored in one call. A step's cost is then one
+    projection per batch plus a fixed number of array operations, whatever the number of
+    models and clients.
+    """
 
     name = "probing"
 
@@ -25,7 +37,11 @@ class ProbingStage:
         assert runtime.alerts is not None
         self.settings, self.metrics, self.hub = runtime.settings, runtime.metrics, runtime.alerts
         self.actions = runtime.topics.actions
-        self.detectors: dict[str, ProbingDetector] = {}
+        self.detector = ProbingDetector(similarity=runtime.settings.probing_similarity,
+                                        min_queries=runtime.settings.probing_min_queries,
+                                        window_s=runtime.settings.probing_window_s,
+                                        max_clients=runtime.settings.probing_max_clients,
+                                        buffer_rows=runtime.settings.probing_buffer_rows)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-probing")
         self.expire_every_s = expire_every_s
         self._task: asyncio.Task | None = None
@@ -40,14 +56,6 @@ class ProbingStage:
 
     def health(self) -> str:
         return ""
-
-    def detector(self, model_id: str) -> ProbingDetector:
-        """One detector per model: embeddings of different models are not comparable."""
-        if model_id not in self.detectors:
-            s = self.settings
-            self.detectors[model_id] = ProbingDetector(similarity=s.probing_similarity,
-                                                       min_queries=s.probing_min_queries, window_s=s.probing_window_s)
-        return self.detectors[model_id]
 
     async def handle(self, items: Sequence[Delivered]) -> None:
         s = self.settings
@@ -66,10 +74,21 @@ class ProbingStage:
             self.metrics.actions.labels("throttle").inc()
             await self.actions.send(key=hit.client_id.encode(), value=encode("Action", action))
 
-    def _update(self, batches: Sequence[Any]) -> list[tuple[str, Any]]:
-        """(model id, hit) of the batches, in order (runs in the probing thread, one call at a time)."""
-        return [(b.model_id, hit) for b in batches
-                for hit in self.detector(b.model_id).update(b.client_ids, b.ts_ms, b.layers[PENULTIMATE])]
+    def _update(self, batches: Sequence[Any]) -> list[tuple[str, ProbingHit]]:
+        """(model id, hit) of the step's batches (runs in the probing thread, one call at a time)."""
+        started = time.perf_counter()
+        det = self.detector
+        with one_blas_thread():
+            sketches = np.concatenate([det.sketch(b.layers[PENULTIMATE]) for b in batches])
+        ids = [f"{b.model_id}\0{c}" if c else "" for b in batches for c in b.client_ids]
+        ts = np.concatenate([np.asarray(b.ts_ms, np.int64) for b in batches])
+        found = []
+        for hit in det.update_sketches(ids, ts, sketches):
+            model_id, _, client_id = hit.client_id.partition("\0")
+            found.append((model_id, replace(hit, client_id=client_id)))
+        self.metrics.probing_seconds.inc(time.perf_counter() - started)
+        self.metrics.probing_rows.inc(len(ids))
+        return found
 
     async def _expire_forever(self) -> None:
         while True:

@@ -129,3 +129,52 @@ def test_misaligned_batch_is_rejected() -> None:
         ProbingDetector().update(["a", "b"], [1], np.zeros((2, DIM)))
     with pytest.raises(ValueError):
         ProbingDetector(similarity=0.99, identical=0.98)
+
+
+@pytest.fixture(scope="module")
+def demo_prober_traffic(demo_state) -> list[tuple[str, list[str], np.ndarray, np.ndarray]]:
+    """The demo's traffic (its rate, 4 normal clients, the probing client at a 5 % share), clean phases only:
+    (model, client ids, ts_ms, float16 penultimate embeddings) per request, in send order."""
+    from streams.demo import DEFAULT_RATE
+    from workers.inference.models import MODEL_NAMES, load_demo_models
+    from workers.inference.traffic import _plan, parse_phases
+
+    models = load_demo_models(demo_state, progress=False)
+    plan = _plan(parse_phases("clean:56"), DEFAULT_RATE, list(MODEL_NAMES), 4, True, 0.05, 4, {}, seed=0)
+    embedded = {}
+    for name in MODEL_NAMES:  # one forward pass per model, split back into requests
+        reqs = [r for r in plan if r.model == name]
+        _, layers = models[name].predict(np.concatenate([r.x for r in reqs]))
+        cuts = np.cumsum([len(r.truth) for r in reqs])[:-1]
+        embedded.update(zip(map(id, reqs), np.split(layers["penultimate"].astype(np.float16), cuts)))
+    return [(r.model, [r.client] * len(r.truth), np.full(len(r.truth), 1_700_000_000_000 + int(r.at * 1000)),
+             embedded[id(r)]) for r in plan]
+
+
+@pytest.mark.parametrize("sketch_dim", [64, 32])  # 64: the demo's 64-d embeddings as they are; 32 (default): projected
+def test_same_throttle_decisions_as_the_per_client_detector_on_the_demo_prober(demo_prober_traffic,
+                                                                               sketch_dim: int) -> None:
+    from tests.workers.probing_reference import ProbingDetector as PerClient
+
+    traffic = demo_prober_traffic
+    old: dict[str, PerClient] = {}
+    new: dict[str, ProbingDetector] = {}
+    decisions_old, decisions_new = [], []
+    for model, ids, ts, emb in traffic:
+        a = old.setdefault(model, PerClient()).update(ids, ts, emb)
+        b = new.setdefault(model, ProbingDetector(sketch_dim=sketch_dim)).update(ids, ts, emb)
+        decisions_old += [(model, h.client_id, h.ts_ms, h.count) for h in a]
+        decisions_new += [(model, h.client_id, h.ts_ms, h.count) for h in b]
+    assert decisions_old, "the demo's prober must be throttled at all for the comparison to mean anything"
+    assert {c for _, c, _, _ in decisions_old} == {"prober-0"}
+    assert decisions_new == decisions_old
+
+
+
+def test_read_only_float32_embeddings_of_the_sketch_width_are_accepted() -> None:
+    """Decoded batches are read-only views of the record's bytes; at the sketch width they are used as they are."""
+    rng = np.random.default_rng(9)
+    emb = _probe(rng, 30)[:, :32].astype(np.float32)
+    emb.flags.writeable = False
+    hits = ProbingDetector(min_queries=20).update(["m"] * 30, np.arange(30), emb)
+    assert [(h.client_id, h.count) for h in hits] == [("m", 20)]

@@ -38,6 +38,10 @@ class MMDDriftTest:
         test, rate, scores = self.tester.analyze(
             dict(window), k=options.top_k, repeats=options.repeats, m=min(options.m, n), alpha=options.alpha,
             window_classes=window_classes if options.shift_adjust else None)
+        return self.verdicts(test, rate, scores)
+
+    def verdicts(self, test: Any, rate: Any, scores: Any) -> WindowAnalysis:
+        """The :class:`WindowAnalysis` of one window from the tester's ``(test, detection_rate, scores)``."""
         bandwidth = self.tester.bandwidth
         layers = {}
         for name in self.tester.layer_names:

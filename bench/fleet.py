@@ -1,0 +1,486 @@
+"""A fleet, not a demo: many models, thousands of clients, every window tested on time (a benchmark).
+
+    python bench/fleet.py [--models 100] [--layers 2] [--clients 5000] [--predictions 300000]
+                          [--workers 1,2] [--paced-seconds 60] [--attacked 3] [--json PATH]
+
+For each worker count in ``--workers`` (1, then 2) a fresh Tansu broker, a fresh database on
+one Debian clickhouse-server (started once), fresh worker(s) with every agent on:
+
+1. **references and warm-up**: a clean reference per model (``--reference`` rows, 512-dim
+   float16 penultimate plus one 64-dim layer with ``--layers 2``), then two live batches per
+   model 40 s and 20 s of event time back, so every model's reference is fitted before the
+   clock starts (waits until every model has a drift row);
+2. **throughput**: a pre-encoded backlog of ``--predictions`` predictions in micro-batches of
+   ``--batch`` rows, each batch of one model picked by Zipf over the models (exponent
+   ``--zipf``), each row's client by Zipf over ``--clients`` clients (one of them a prober
+   sending near-duplicates), published with the workers stopped (SIGSTOP, as bench/pipeline.py),
+   then drained: ``predictions_per_s`` (all workers and per worker), the worker CPU per
+   prediction, the broker's and ClickHouse's CPU over the drain; ``ceiling_per_s`` is a raw
+   aiokafka consumer of the same records in the same run, ``ratio`` the quotient;
+   ``probing_us_per_prediction`` is the probing detector's own time over the rows it scored
+   (``layerwatch_probing_seconds_total``);
+3. **windows on time**: ``--paced-seconds`` of traffic at ``--paced-rate`` predictions/s with
+   event time = wall clock, so every model's windows close in real time; ``--attacked``
+   models (spread over the Zipf ranks) get a mean shift of their activations for the second
+   half. ``windows_due`` counts every (model, layer, window) of that phase with at least
+   ``window_min_samples`` events that closed before the end (computed from what was
+   published, with the worker's window arithmetic), ``windows_tested`` those with a drift
+   row of exactly that window (a coalesced window's row has a merged id and does not
+   count; ``windows_coalesced`` and ``windows_untested`` come from the workers' metrics);
+   ``test_lag_p50_s`` / ``p99`` = drift row written − the wall time the window could close
+   (its end plus the lateness), over the phase's windows; ``alerts_opened`` counts
+   distribution-shift alerts opened on attacked and on clean models.
+
+``worker_rss_mib`` is the largest resident set of a worker seen during the run. Helpers (broker
+and ClickHouse start-up, producer, CPU sampler, raw consumer) are bench/pipeline.py's. The
+machine's cores are shared by the broker, ClickHouse, the publisher and the workers: the
+JSON says where the CPU went. Not run by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pipeline import (  # noqa: E402
+    CpuSampler,
+    console,
+    load,
+    metric_total,
+    producer,
+    publish_records,
+    query,
+    raw_consume,
+    start_workers,
+    wait_rows,
+)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from schemas import PredictionBatch, encode_batch  # noqa: E402
+from streams.kafka import ensure_topics  # noqa: E402
+from streams.repartition import murmur2_partition  # noqa: E402
+from streams.rows import now_ms  # noqa: E402
+from streams.settings import Settings  # noqa: E402
+from streams.stack import LocalStack  # noqa: E402
+from workers.windows import window_id, window_starts  # noqa: E402
+
+PEN, AUX = "penultimate", "block3"
+PROBER = "prober"
+
+
+# ----------------------------------------------------------------------------- the fleet
+
+
+class Fleet:
+    """Models with their own class means per layer; Zipf over models and clients; a few attacked models."""
+
+    def __init__(self, models: int, layers: int, clients: int, batch: int, zipf: float, attacked: int,
+                 classes: int = 10, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.names = [f"m{i:03d}" for i in range(models)]
+        self.dims = {PEN: 512, AUX: 64} if layers == 2 else {PEN: 512}
+        self.batch, self.classes = batch, classes
+        w = 1.0 / np.arange(1, models + 1) ** zipf
+        self.model_p = w / w.sum()
+        c = 1.0 / np.arange(1, clients + 1) ** zipf
+        self.client_p = c / c.sum()
+        # the prober is the 50th most active client (~0.2 % of rows with 5,000 clients): enough to be found,
+        # too few to shift a model's windows away from its reference
+        names = [f"client-{i}" for i in range(clients)]
+        names[min(49, clients - 1)] = PROBER
+        self.clients = np.array(names, dtype=object)
+        self.means = {m: {name: self.rng.normal(size=(classes, d)).astype(np.float32) for name, d in self.dims.items()}
+                      for m in self.names}
+        self.heads = {m: self.rng.normal(size=(512, classes)).astype(np.float32) / np.sqrt(512) for m in self.names}
+        self.probe_base = self.rng.normal(size=512).astype(np.float32) * 2
+        step = max(1, models // max(1, attacked))
+        self.attacked = [self.names[i] for i in range(0, models, step)][:attacked]
+        self._noise = {name: self.rng.normal(size=(8192, d)).astype(np.float32) for name, d in self.dims.items()}
+
+    def sample(self, model: str, n: int, shift: float = 0.0, clients: bool = True) -> tuple:
+        labels = self.rng.integers(0, self.classes, n)
+        off = int(self.rng.integers(0, 8192 - n + 1))
+        layers = {name: self.means[model][name][labels] + self._noise[name][off : off + n] + shift
+                  for name in self.dims}
+        ids = self.clients[self.rng.choice(len(self.clients), size=n, p=self.client_p)] if clients else None
+        if ids is not None:
+            probe = ids == PROBER
+            layers[PEN][probe] = self.probe_base + 0.02 * self._noise[PEN][: int(probe.sum())]
+        logits = layers[PEN] @ self.heads[model] * 3
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return ({k: v.astype(np.float16) for k, v in layers.items()}, probs.astype(np.float32),
+                probs.argmax(axis=1).astype(np.int32), ids)
+
+    def reference(self, model: str, n: int, tag: str, ts_ms: int) -> bytes:
+        layers, probs, predicted, _ = self.sample(model, n, clients=False)
+        return encode_batch(PredictionBatch.build(model, [f"{tag}-{model}-ref-{i}" for i in range(n)], outputs=probs,
+                                                  layers=layers, role="reference", predicted=predicted,
+                                                  ts_ms=np.full(n, ts_ms, np.int64)))
+
+    def live(self, model: str, n: int, tag: str, start: int, ts_ms: int, shift: float = 0.0) -> bytes:
+        layers, probs, predicted, ids = self.sample(model, n, shift)
+        return encode_batch(PredictionBatch.build(model, [f"{tag}-{start + i:012d}" for i in range(n)], outputs=probs,
+                                                  layers=layers, predicted=predicted, client_ids=list(ids),
+                                                  ts_ms=np.full(n, ts_ms, np.int64)))
+
+    def pick(self) -> str:
+        return self.names[int(self.rng.choice(len(self.names), p=self.model_p))]
+
+
+def metric_sum(url: str, name: str) -> float:
+    """Sum of a metric's samples, labelled or not (bench/pipeline.py's metric_total needs labels)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def partition_of(model: str, partitions: int) -> int:
+    """kafka-python's default partitioner (murmur2 of the key), as the worker's own producers."""
+    return murmur2_partition(model.encode(), partitions)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+class RssSampler(threading.Thread):
+    """The largest resident set (MiB) of each worker process seen every 0.5 s."""
+
+    def __init__(self, pids: dict[str, int]):
+        super().__init__(daemon=True)
+        self.pids, self.peak, self._stop_event = pids, {k: 0.0 for k in pids}, threading.Event()
+
+    def run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop_event.wait(0.5):
+            for name, pid in self.pids.items():
+                try:
+                    with open(f"/proc/{pid}/statm") as f:
+                        self.peak[name] = max(self.peak[name], int(f.read().split()[1]) * page / 2**20)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class DriftWatcher(threading.Thread):
+    """Wall time (ms) at which each DriftResult (model, layer, window id) reaches ``lw.drift``: read from the
+    topic (not the store: ``drift_windows.ts`` is the window's end, and polling the store would load the worker)."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        super().__init__(daemon=True)
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                      fetch_max_wait_ms=100)
+        parts = self.consumer.partitions_for_topic(topic) or {0}
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        self.consumer.seek_to_end(*tps)
+        for tp in tps:
+            self.consumer.position(tp)
+        self.arrived: dict[tuple[str, str, str], int] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        from schemas.codec import decode
+
+        while not self._stop_event.is_set():
+            for batch in self.consumer.poll(timeout_ms=200).values():
+                at = now_ms()
+                for msg in batch:
+                    _, r = decode(msg.value)
+                    self.arrived.setdefault((r["model_id"], r["layer"], r["window_id"]), at)
+        self.consumer.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+
+
+async def publish_paced(fleet: Fleet, bootstrap: str, topic: str, partitions: int, tag: str, rate: float,
+                        seconds: float, batch: int) -> dict[str, Any]:
+    """Micro-batches at ``rate`` predictions/s, event time = publish time; attacked models shifted in the
+    second half. Returns the (model, ts_ms, rows) of every batch sent."""
+    prod = await producer(bootstrap)
+    interval = batch / rate
+    n = max(1, int(seconds / interval))
+    sent, pending = [], []
+    try:
+        t0 = time.perf_counter()
+        with Progress(TextColumn(f"paced fleet traffic at {rate:,.0f}/s"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("paced", total=n)
+            for i in range(n):
+                delay = t0 + i * interval - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                model = fleet.pick()
+                shift = 0.8 if (model in fleet.attacked and i >= n // 2) else 0.0
+                ts = now_ms()
+                pending.append(await prod.send(topic, key=model.encode(), partition=partition_of(model, partitions),
+                                               value=fleet.live(model, batch, tag, i * batch, ts, shift)))
+                sent.append((model, ts, batch))
+                if len(pending) >= 64:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+                progress.advance(task)
+            await asyncio.gather(*pending)
+        wall = time.perf_counter() - t0
+    finally:
+        await prod.stop()
+    return {"sent": sent, "wall_s": wall, "predictions": n * batch, "attack_from_ms": sent[n // 2][1]}
+
+
+def due_windows(sent: list[tuple[str, int, int]], settings: Settings, until_ms: int, layers: list[str]) -> dict:
+    """{(model, layer, window id): end_ms} of windows with enough events that could close before ``until_ms``."""
+    size, step = int(settings.window_size_s * 1000), int(settings.window_step_s * 1000)
+    by_model: dict[str, list[tuple[int, int]]] = {}
+    for model, ts, n in sent:
+        by_model.setdefault(model, []).append((ts, n))
+    due = {}
+    for model, rows in by_model.items():
+        ts = np.repeat([t for t, _ in rows], [n for _, n in rows])
+        _, starts = window_starts(ts, size, step)
+        uniq, counts = np.unique(starts, return_counts=True)
+        for start, count in zip(uniq.tolist(), counts.tolist()):
+            end = start + size
+            # windows wholly inside the phase (earlier ones also hold the backlog's events), closed before its end
+            if count >= settings.window_min_samples and start >= ts.min() and end + 1000 <= until_ms:
+                for layer in layers:
+                    due[(model, layer, window_id(model, "1", start, end))] = end
+    return due
+
+
+def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: Any, tmp: Path) -> dict[str, Any]:
+    tag = f"f{workers_n}{os.getpid() % 1000}"
+    prefix = f"fleet{workers_n}."
+    state = tmp / f"fleet{workers_n}"
+    store_url = server.url_for(f"lw_fleet_{os.getpid()}_{workers_n}")
+    env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"lw-fleet-{tag}", "LW_TOPIC_PARTITIONS": str(opts.partitions),
+           "LW_REFERENCE_MAX": str(opts.reference), "LW_AGENTS": "all",
+           "LW_MMD_PERMUTATIONS": str(opts.perms)}
+    result: dict[str, Any] = {"workers": workers_n, "load_before": load()}
+    opts_like = argparse.Namespace(workers=workers_n)
+    with LocalStack(state_dir=state, clickhouse_url=store_url) as stack:
+        bootstrap = stack.start_broker()
+        settings = Settings(kafka_bootstrap=bootstrap, topic_prefix=prefix, topic_partitions=opts.partitions)
+        ensure_topics(settings)
+        topic = settings.topic("predictions")
+        # 1. references and warm-up
+        base = now_ms() - int(1000 * opts.predictions / opts.event_rate)
+        warm = [(fleet.reference(m, opts.reference, tag, base - 60_000), partition_of(m, opts.partitions))
+                for m in fleet.names]
+        for k, ago in enumerate((40_000, 20_000)):
+            warm += [(fleet.live(m, 64, tag + "w", (k * len(fleet.names) + i) * 64, base - ago),
+                      partition_of(m, opts.partitions)) for i, m in enumerate(fleet.names)]
+        n_warm = len(fleet.names) * (opts.reference + 128)
+        asyncio.run(publish_records(bootstrap, topic, warm, "publishing references and warm-up"))
+        workers = start_workers(stack, opts_like, env)
+        children = [c for c, _ in workers]
+        url = workers[0][1]
+        pids = {c.name: c.process.pid for c in children}
+        pids["broker"] = stack.broker.process.pid
+        if server._proc is not None:
+            pids["clickhouse"] = server._proc.pid
+        sampler = CpuSampler(pids).start()
+        rss = RssSampler({c.name: c.process.pid for c in children})
+        rss.start()
+        wait_rows(url, workers, n_warm, children, "warm-up rows", timeout=600)
+        deadline = time.monotonic() + opts.warm_timeout
+        fitted = 0
+        while time.monotonic() < deadline:
+            fitted = int(query(url, "SELECT uniqExact(model_id) FROM drift_windows")[0][0])
+            if fitted >= len(fleet.names):
+                break
+            time.sleep(1.0)
+        result["warm_models_tested"] = fitted
+        # 2. throughput: a backlog published while the workers are stopped, then drained
+        step_ms = 1000 * opts.batch / opts.event_rate
+        backlog, per_model = [], {}
+        for i in range(-(-opts.predictions // opts.batch)):
+            m = fleet.pick()
+            per_model[m] = per_model.get(m, 0) + opts.batch
+            backlog.append((fleet.live(m, opts.batch, tag, i * opts.batch, base + int(i * step_ms)),
+                            partition_of(m, opts.partitions)))
+        pub = {"records": len(backlog), "bytes": sum(len(v) for v, _ in backlog),
+               "predictions": len(backlog) * opts.batch, "models": len(per_model)}
+        probing0 = sum(metric_sum(u, "layerwatch_probing_seconds_total") for _, u in workers)
+        probing_rows0 = sum(metric_sum(u, "layerwatch_probing_rows_total") for _, u in workers)
+        before = {c.name: metric_total(u, "layerwatch_events_total", 'role="live"') for c, u in workers}
+        for c in children:
+            c.process.send_signal(signal.SIGSTOP)
+        try:
+            pub["seconds"] = asyncio.run(publish_records(bootstrap, topic, backlog, "publishing backlog"))
+        finally:
+            for c in children:
+                c.process.send_signal(signal.SIGCONT)
+        del backlog
+        expected = n_warm + pub["predictions"]
+        done_at = wait_rows(url, workers, expected, children, "draining backlog", timeout=max(600, expected / 300))[-1]
+        count, first, last = (int(v) for v in query(
+            url, "SELECT count(), min(ingested_ms), max(ingested_ms) FROM predictions WHERE ts_ms >= {base}",
+            {"base": base})[0])
+        n_last = int(query(url, "SELECT count() FROM predictions WHERE ingested_ms = {t}", {"t": last})[0][0])
+        seconds = (last - first) / 1000
+        rate = (count - n_last) / seconds if seconds > 0 else float("nan")
+        names = [c.name for c in children]
+        cpu = {n: sampler.between(first / 1000, done_at, [n]) for n in pids}
+        per_worker = {c.name: metric_total(u, "layerwatch_events_total", 'role="live"') - before[c.name]
+                      for c, u in workers}
+        probing_s = sum(metric_sum(u, "layerwatch_probing_seconds_total") for _, u in workers) - probing0
+        probing_rows = sum(metric_sum(u, "layerwatch_probing_rows_total") for _, u in workers) - probing_rows0
+        worker_cpu = sum(cpu[n] for n in names)
+        result.update(
+            publish=pub, predictions_per_s=rate, rows=count, seconds=seconds, drain_s=done_at - first / 1000,
+            predictions_per_s_per_worker={n: per_worker[n] / seconds for n in names} if seconds > 0 else {},
+            cpu_s=cpu, worker_cpu_us_per_prediction=1e6 * worker_cpu / max(1, count),
+            cpu_cores_over_drain={n: cpu[n] / max(1e-9, done_at - first / 1000) for n in pids},
+            probing_us_per_prediction=1e6 * probing_s / max(1.0, probing_rows),
+        )
+        time.sleep(1.0)
+        raw = asyncio.run(raw_consume(bootstrap, topic, 8 * 1024 * 1024))
+        complete = raw["records"] >= len(warm) + pub["records"]
+        result["ceiling_per_s"] = (n_warm + pub["predictions"]) / raw["seconds"] if complete else float("nan")
+        result["ratio"] = rate / result["ceiling_per_s"]
+        # 3. windows on time: paced traffic with event time = wall clock, attacked models shifted mid-phase
+        coalesced0 = sum(metric_sum(u, "layerwatch_windows_coalesced_total") for _, u in workers)
+        untested0 = sum(metric_sum(u, "layerwatch_windows_untested_total") for _, u in workers)
+        time.sleep(2 * settings.window_step_s)  # the backlog's windows close by the wall clock and are tested
+        result["drift_rows_after_backlog"] = int(query(url, "SELECT count() FROM drift_windows")[0][0])
+        watcher = DriftWatcher(bootstrap, settings.topic("drift"))
+        watcher.start()
+        paced = asyncio.run(publish_paced(fleet, bootstrap, topic, opts.partitions, tag + "p", opts.paced_rate,
+                                          opts.paced_seconds, opts.paced_batch))
+        paced_end = now_ms()
+        layers = list(fleet.dims)
+        due = due_windows(paced["sent"], settings, paced_end, layers)
+        # wait for the drift rows of the due windows (or until none came for four window steps)
+        deadline, last_n, stable_since = time.monotonic() + opts.drain_timeout, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            arrived = dict(watcher.arrived)
+            if all(k in arrived for k in due):
+                break
+            if len(arrived) != last_n:
+                last_n, stable_since = len(arrived), time.monotonic()
+            elif time.monotonic() - stable_since > 4 * settings.window_step_s:
+                break
+            time.sleep(1.0)
+        watcher.stop()
+        arrived = dict(watcher.arrived)
+        tested_keys = [k for k in due if k in arrived]
+        lags = np.array([(arrived[k] - due[k] - 1000) / 1000 for k in tested_keys]) if tested_keys else np.zeros(0)
+        def opened_alerts() -> dict[str, int]:
+            rows = query(url, "SELECT model_id, count() FROM alerts FINAL WHERE kind = 'distribution_shift' "
+                              "AND state = 'open' AND ts_ms >= {t} GROUP BY model_id", {"t": paced["sent"][0][1]})
+            return {r[0]: int(r[1]) for r in rows}
+
+        deadline = time.monotonic() + 30  # the alerts agent follows the drift rows
+        while not all(m in (opened := opened_alerts()) for m in fleet.attacked) and time.monotonic() < deadline:
+            time.sleep(2.0)
+        result.update(
+            paced_rate=opts.paced_rate, paced_actual_per_s=paced["predictions"] / paced["wall_s"],
+            windows_due=len(due), windows_tested=len(tested_keys),
+            windows_coalesced=sum(metric_sum(u, "layerwatch_windows_coalesced_total") for _, u in workers) - coalesced0,
+            windows_untested=sum(metric_sum(u, "layerwatch_windows_untested_total") for _, u in workers) - untested0,
+            drift_records_paced=len(arrived),
+            test_lag_p50_s=float(np.percentile(lags, 50)) if lags.size else float("nan"),
+            test_lag_p99_s=float(np.percentile(lags, 99)) if lags.size else float("nan"),
+            window_step_s=settings.window_step_s,
+            attacked=fleet.attacked,
+            alerts_opened={"attacked": sum(opened.get(m, 0) for m in fleet.attacked),
+                           "attacked_models_alerted": sum(1 for m in fleet.attacked if opened.get(m)),
+                           "clean": sum(n for m, n in opened.items() if m not in fleet.attacked),
+                           "clean_models_alerted": sorted(m for m in opened if m not in fleet.attacked)},
+            test_seconds_mean=(sum(metric_sum(u, "layerwatch_window_test_duration_seconds_sum") for _, u in workers)
+                               / max(1.0, sum(metric_sum(u, "layerwatch_window_test_duration_seconds_count") for _, u in workers))),
+        )
+        rss.stop()
+        sampler.stop()
+        result["worker_rss_mib"] = rss.peak
+        result["load_after"] = load()
+        stack.stop()
+    return result
+
+
+def report(runs: list[dict]) -> None:
+    table = Table(title="fleet")
+    cols = [("workers", "workers", "{}"), ("pred/s", "predictions_per_s", "{:,.0f}"),
+            ("ceiling/s", "ceiling_per_s", "{:,.0f}"), ("ratio", "ratio", "{:.2f}"),
+            ("µs cpu/pred", "worker_cpu_us_per_prediction", "{:.1f}"),
+            ("probing µs/pred", "probing_us_per_prediction", "{:.2f}"), ("due", "windows_due", "{}"),
+            ("tested", "windows_tested", "{}"), ("coalesced", "windows_coalesced", "{:.0f}"),
+            ("lag p50 s", "test_lag_p50_s", "{:.1f}"), ("lag p99 s", "test_lag_p99_s", "{:.1f}")]
+    for name, _, _ in cols:
+        table.add_column(name, justify="right")
+    for r in runs:
+        table.add_row(*[fmt.format(r[k]) for _, k, fmt in cols])
+    console.print(table)
+    for r in runs:
+        console.print(f"workers={r['workers']}: rss {r['worker_rss_mib']}, alerts {r['alerts_opened']}, "
+                      f"cores {r['cpu_cores_over_drain']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=int, default=100)
+    ap.add_argument("--layers", type=int, choices=(1, 2), default=2)
+    ap.add_argument("--clients", type=int, default=5000)
+    ap.add_argument("--predictions", type=int, default=300_000)
+    ap.add_argument("--batch", type=int, default=256, help="rows per micro-batch (one model each)")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--reference", type=int, default=300, help="reference events per model (LW_REFERENCE_MAX)")
+    ap.add_argument("--perms", type=int, default=200, help="LW_MMD_PERMUTATIONS")
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--event-rate", type=float, default=50_000.0)
+    ap.add_argument("--paced-rate", type=float, default=5_000.0)
+    ap.add_argument("--paced-seconds", type=float, default=60.0)
+    ap.add_argument("--paced-batch", type=int, default=64)
+    ap.add_argument("--attacked", type=int, default=3)
+    ap.add_argument("--warm-timeout", type=float, default=300.0)
+    ap.add_argument("--drain-timeout", type=float, default=120.0)
+    ap.add_argument("--json", type=Path, default=None)
+    opts = ap.parse_args()
+    fleet = Fleet(opts.models, opts.layers, opts.clients, opts.batch, opts.zipf, opts.attacked)
+    runs = []
+    from tests.clickhouse_server import ClickHouseServer
+
+    with tempfile.TemporaryDirectory(prefix="lw-fleet-") as tmp:
+        server = ClickHouseServer(Path(tmp) / "clickhouse").start()
+        try:
+            for n in [int(w) for w in opts.workers.split(",")]:
+                runs.append(run_fleet(opts, fleet, n, server, Path(tmp)))
+                console.print(json.dumps({k: v for k, v in runs[-1].items() if k != "publish"}, default=str)[:2000])
+        finally:
+            server.close()
+    report(runs)
+    out = {"models": opts.models, "layers": opts.layers, "clients": opts.clients, "predictions": opts.predictions,
+           "batch": opts.batch, "partitions": opts.partitions, "reference": opts.reference, "perms": opts.perms,
+           "cores": os.cpu_count(), "runs": runs}
+    if opts.json:
+        opts.json.write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
