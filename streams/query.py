@@ -83,7 +83,10 @@ def run_query(settings: Settings, sql: str, params: dict[str, Any] | None = None
     """Column names and rows of a read-only query against the configured store."""
     from streams.writer import jsonable
 
+    from streams.store.sql import check_readonly, render
+
     sql, params = resolve_sql(sql, params or {})
+    check_readonly(render(sql, params))  # refused before any store is opened (the store checks again)
     store = open_reader(settings)
     try:
         names, rows = store.query_columns(sql, params, readonly=True)

@@ -56,15 +56,19 @@ def test_a_drift_test_and_an_alert_sink_added_by_settings_run_in_a_worker(broker
         publisher.join(timeout=60)
         wait_until(lambda: scalar(url, "SELECT count() FROM drift_windows FINAL WHERE device = 'mean-shift'") >= 3,
                    timeout=60, message="windows tested by the documented drift test")
-        wait_until(lambda: sink_file.exists() and any(json.loads(line)["state"] == "open"
+        wait_until(lambda: sink_file.exists() and any(json.loads(line)["state"] == "open" and
+                                                      json.loads(line)["kind"] == "distribution_shift"
                                                       for line in sink_file.read_text().splitlines()),
                    timeout=60, message="the alert delivered to the documented sink")
         other_tests = scalar(url, "SELECT count() FROM drift_windows FINAL WHERE device != 'mean-shift'")
         # the kafka sink's path to the store (lw.alerts, the results sink, a write) is longer than the file's
-        wait_until(lambda: scalar(url, "SELECT count() FROM alerts FINAL WHERE state = 'open'") >= 1, timeout=30,
+        wait_until(lambda: scalar(url, "SELECT count() FROM alerts FINAL WHERE state = 'open' "
+                                       "AND kind = 'distribution_shift'") >= 1, timeout=30,
                    message="the alert stored through the kafka sink")
         stored = scalar(url, "SELECT count() FROM alerts FINAL WHERE state = 'open'")
     assert other_tests == 0  # the configured test replaced MMD, it did not run beside it
-    opened = [json.loads(line) for line in sink_file.read_text().splitlines()]
-    assert opened[0]["kind"] == "distribution_shift" and opened[0]["model_id"] == "synth"
+    delivered = [json.loads(line) for line in sink_file.read_text().splitlines()]
+    # the shifted events may also open an attack_classified alert (the per-event score): both reach the sink
+    assert any(a["kind"] == "distribution_shift" and a["model_id"] == "synth" and a["state"] == "open"
+               for a in delivered), delivered
     assert stored >= 1  # the kafka sink, listed beside it, still stored the alert

@@ -154,7 +154,9 @@ def code_queries() -> list[tuple[str, str]]:
     from streams.store.sql import placeholders, render
 
     def value(name: str) -> object:
-        return ["a", "b"] if name.endswith("ids") else "x" if re.search(r"id|layer|model|^[mvl]$", name) else 1
+        if name.endswith(("ids", "models")):
+            return ["a", "b"]
+        return "x" if re.search(r"id|layer|model|^[mvlc]$", name) else 1
 
     out = []
     for name, sql in shipped_queries().items():

@@ -83,7 +83,8 @@ def test_revoked_partitions_windows_are_dropped(broker, chdb_url, tmp_path) -> N
         bytes_after, rss_after = _gauge(url_a, "layerwatch_window_bytes"), _rss_kib(a.process.pid)
         assert keys_a in (len(by_partition[0]), len(by_partition[1]))
         per_key = bytes_before / len(MODELS)
-        assert bytes_after == pytest.approx(per_key * keys_a, rel=0.01)
+        # open windows differ a little in size between models; without the drop A would keep all of them
+        assert bytes_after == pytest.approx(per_key * keys_a, rel=0.15)
         print(f"\nworker A window memory: {bytes_before / 1024:.0f} KiB for {len(MODELS)} models before B joined, "
               f"{bytes_after / 1024:.0f} KiB for {keys_a:.0f} after the rebalance; "
               f"RSS {rss_before / 1024:.1f} MiB -> {rss_after / 1024:.1f} MiB")
