@@ -48,8 +48,8 @@ def test_rules_name_only_metrics_the_worker_exports() -> None:
 def test_metric_names_follow_prometheus_conventions() -> None:
     for family in Metrics().registry.collect():
         assert family.name.startswith("layerwatch_")
-        if family.type == "histogram":
-            assert family.name.endswith("_seconds"), family.name
+        if family.type == "histogram":  # a unit in the name: time, size, or a count of windows
+            assert family.name.endswith(("_seconds", "_bytes", "_windows")), family.name
         labels = {label for s in family.samples for label in s.labels}
         assert not labels & {"event_id", "client_id", "window_id", "alert_id"}, family.name
 
