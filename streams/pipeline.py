@@ -21,7 +21,7 @@ from streams.ingest import dead_letter
 from streams.rows import Delivered
 
 if TYPE_CHECKING:
-    from streams.runtime import Runtime, Stage
+    from streams.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class StagePipeline:
     """One step in flight at a time; see the module doc."""
 
-    def __init__(self, runtime: "Runtime", attempts: int = 3, backoff_s: float = 0.5):
+    def __init__(self, runtime: Any, attempts: int = 3, backoff_s: float = 0.5):
         self.runtime, self.attempts, self.backoff_s = runtime, attempts, backoff_s
         self._task: asyncio.Future | None = None
 

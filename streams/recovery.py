@@ -45,14 +45,11 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from streams.alerts.rules import AlertEvent
 from streams.kafka import aiokafka_config
 from streams.store import statements as Q
-
-if TYPE_CHECKING:
-    from streams.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +148,7 @@ class Recovery:
     alert transitions.
     """
 
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: Any):
         self.runtime = runtime
         self.drift = runtime.drift
         self.hub = runtime.alerts if "alerts" in runtime.agents else None

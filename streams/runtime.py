@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any
 
 from schemas.codec import Limits, encode
 from streams.event_guard import EventGuard
 from streams.kafka import TOPICS
 from streams.metrics import Metrics
-from streams.rows import Delivered
 from streams.settings import Settings
+from streams.stages.base import Stage
 from streams.store import Store
 from streams.writer import StoreWriter
 
@@ -39,26 +39,6 @@ ROLES = {
 }
 #: the agents that consume lw.predictions
 INGEST_AGENTS = frozenset({"sink", "drift", "windows", "classify", "probing"})
-
-
-class Stage(Protocol):
-    """A consumer of the decoded prediction batches of each ingest step (see streams/stages/).
-
-    ``handle`` gets one step's batches, in order, after the sink wrote them; the step's
-    records are acked only when every stage's ``handle`` returned, so a stage that raises
-    gets the step replayed. Heavy work belongs in the stage's own thread, not on the loop.
-    ``health`` is "" when the stage is fine, else a one-line reason (shown by ``/health``).
-    """
-
-    name: str
-
-    async def start(self) -> None: ...
-
-    async def handle(self, items: Sequence[Delivered]) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def health(self) -> str: ...
 
 
 @dataclass

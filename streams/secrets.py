@@ -83,17 +83,6 @@ def url_secrets(url: str) -> list[str]:
     return found
 
 
-def settings_secrets(settings: Any) -> list[str]:
-    """Every secret value a settings object holds: its secret fields and the credentials in its URLs."""
-    from streams.settings import SECRET_FIELDS, URL_FIELDS
-
-    values = [str(getattr(settings, name, "") or "") for name in SECRET_FIELDS]
-    for name in URL_FIELDS:
-        for url in str(getattr(settings, name, "") or "").split(","):
-            values.extend(url_secrets(url.strip()))
-    return [v for v in values if v]
-
-
 class _Masked(logging.LogRecord):
     """A log record whose message and traceback pass through :func:`mask` when first rendered."""
 
@@ -105,7 +94,7 @@ def install(settings: Any = None) -> None:
     """Register the settings' secrets and mask every log record and uncaught traceback of this process."""
     global _installed
     if settings is not None:
-        register(settings_secrets(settings))
+        register(settings.secret_values())
     with _lock:
         if _installed:
             return

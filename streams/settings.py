@@ -138,6 +138,16 @@ class Settings:
         """``classifier_path``, or its default ``<state_dir>/classifier/classifier.skops``."""
         return Path(self.classifier_path) if self.classifier_path else self.state_path / "classifier" / "classifier.skops"
 
+    def secret_values(self) -> list[str]:
+        """Every secret value these settings hold: the secret fields and the credentials inside URLs."""
+        from streams.secrets import url_secrets
+
+        values = [str(getattr(self, name) or "") for name in SECRET_FIELDS]
+        for name in URL_FIELDS:
+            for url in str(getattr(self, name) or "").split(","):
+                values.extend(url_secrets(url.strip()))
+        return [v for v in values if v]
+
     def safe_dict(self) -> dict[str, Any]:
         """The effective settings with secrets masked, for logs and `layerwatch config`: secret
         fields read ``***``, URLs lose their passwords and credential query values, and

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from schemas.codec import CodecError, encode
 from schemas.window import WindowSample, decode_window
@@ -27,9 +27,6 @@ from streams.stages.drift import analysis_options, drift_records
 from streams.stages.references import Reference, ReferenceCache
 from workers.drift import WindowAnalysis
 from workers.mmd.batch import analyze_windows
-
-if TYPE_CHECKING:
-    from streams.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +47,7 @@ def analyze_all(pairs: Sequence[tuple[WindowSample, Reference]], options: Any) -
 class WindowTests:
     """The test agent's work on each step of ``lw.windows`` records."""
 
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: Any):
         self.runtime, self.settings, self.metrics = runtime, runtime.settings, runtime.metrics
         self.references = ReferenceCache(runtime.settings, runtime.writer)
         self.options = analysis_options(runtime.settings)

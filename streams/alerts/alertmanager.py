@@ -25,13 +25,10 @@ import datetime as _dt
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from streams.alerts.rules import AlertEvent
 from streams.alerts.webhook import WebhookSink
-
-if TYPE_CHECKING:
-    from streams.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +160,7 @@ class AlertmanagerSink(WebhookSink):
         await super().close(timeout_s)
 
 
-def alertmanager_sink(runtime: "Runtime") -> AlertmanagerSink | None:
+def alertmanager_sink(runtime: Any) -> AlertmanagerSink | None:
     """The ``alertmanager`` sink from settings (None when ``LW_ALERTMANAGER_URL`` is empty)."""
     s = runtime.settings
     if not s.alertmanager_url:

@@ -11,14 +11,11 @@ sink, or None when the sink is not configured (the webhook without a URL).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from schemas.codec import encode
 from streams.alerts.rules import AlertEvent
 from streams.plugins import load, names
-
-if TYPE_CHECKING:
-    from streams.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +44,7 @@ class AlertSink(Protocol):
     async def close(self) -> None: ...
 
 
-SinkFactory = Callable[["Runtime"], "AlertSink | None"]
+SinkFactory = Callable[[Any], "AlertSink | None"]
 
 
 class KafkaSink:
@@ -55,7 +52,7 @@ class KafkaSink:
 
     name = "kafka"
 
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: Any):
         self.topic = runtime.topics.alerts
 
     async def send(self, event: AlertEvent) -> None:
@@ -65,7 +62,7 @@ class KafkaSink:
         return None
 
 
-def build_sinks(runtime: "Runtime") -> list[AlertSink]:
+def build_sinks(runtime: Any) -> list[AlertSink]:
     """The sinks ``LW_ALERT_SINKS`` names, in order, leaving out the unconfigured ones."""
     sinks: list[AlertSink] = []
     for spec in names(runtime.settings.alert_sinks):

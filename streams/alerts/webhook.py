@@ -20,13 +20,10 @@ import json
 import logging
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from streams.alerts.rules import AlertEvent
-
-if TYPE_CHECKING:
-    from streams.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +197,7 @@ def delivery_dead_letter(sink: str, record: dict[str, Any], reason: str) -> dict
             "raw": json.dumps(record).encode()}
 
 
-def webhook_sink(runtime: "Runtime") -> WebhookSink | None:
+def webhook_sink(runtime: Any) -> WebhookSink | None:
     """The ``webhook`` sink from settings (None when ``LW_WEBHOOK_URL`` is empty)."""
     s = runtime.settings
     if not s.webhook_url:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from schemas.batch import COMBINED, PredictionBatch
 from schemas.codec import encode
@@ -30,9 +30,6 @@ from streams.stages.references import Reference, ReferenceCache, drift_layers
 from workers.drift import AnalysisOptions, Verdict, WindowAnalysis
 from workers.mmd.batch import analyze_windows
 from workers.windows import ClosedWindow, Coalescer, WindowManager
-
-if TYPE_CHECKING:
-    from streams.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +66,7 @@ class DriftStage:
 
     name = "drift"
 
-    def __init__(self, runtime: "Runtime", publish: bool = False):
+    def __init__(self, runtime: Any, publish: bool = False):
         s = runtime.settings
         self.settings, self.metrics, self.topic = s, runtime.metrics, runtime.topics.drift
         # publish: closed windows go to lw.windows for the test workers instead of being tested here

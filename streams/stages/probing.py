@@ -6,7 +6,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -14,9 +14,6 @@ from schemas.batch import PENULTIMATE
 from schemas.codec import encode
 from streams.rows import Delivered, now_ms
 from workers.probing import ProbingDetector, ProbingHit, one_blas_thread
-
-if TYPE_CHECKING:
-    from streams.runtime import Runtime
 
 
 class ProbingStage:
@@ -33,7 +30,7 @@ class ProbingStage:
 
     name = "probing"
 
-    def __init__(self, runtime: "Runtime", expire_every_s: float = 5.0):
+    def __init__(self, runtime: Any, expire_every_s: float = 5.0):
         assert runtime.alerts is not None
         self.settings, self.metrics, self.hub = runtime.settings, runtime.metrics, runtime.alerts
         self.actions = runtime.topics.actions

@@ -28,6 +28,7 @@ import pytest
 
 from schemas import LabelBatch, PredictionBatch, decode, encode, encode_batch, encode_labels
 from streams.web import dashboard as D
+from streams.web import payloads as P
 from streams.client import http_json
 from streams.stack import LocalStack
 from tests.waiting import wait_until
@@ -415,7 +416,7 @@ def test_dashboard_shows_live_drift_alerts_and_events(broker: str, tmp_path: Pat
             assert get(f"{url}/api/dashboard/{view}", token="wrong")[0] == 401, view
             assert get(f"{url}/api/dashboard/{view}", token=TOKEN)[0] == 200, view
         status, body, _ = get(f"{url}/api/dashboard/drift?minutes=100000", token=TOKEN)
-        assert status == 200 and json.loads(body)["minutes"] == D.MAX_MINUTES
+        assert status == 200 and json.loads(body)["minutes"] == P.MAX_MINUTES
         assert get(f"{url}/api/dashboard/drift?minutes=abc", token=TOKEN)[0] == 400
         assert get(f"{url}/api/dashboard/drift?range=week", token=TOKEN)[0] == 400
         # the default range is the data's span: three hours ago, not the last 15 minutes
@@ -446,7 +447,7 @@ def test_dashboard_shows_live_drift_alerts_and_events(broker: str, tmp_path: Pat
         assert len(drift_charts) == len(drawn)
         for key, chart in drawn.items():
             if key[0] == LONG_MODEL:
-                assert int(chart["data-windows"]) == LONG_WINDOWS and int(chart["data-points"]) <= D.MAX_SERIES_POINTS + 1
+                assert int(chart["data-windows"]) == LONG_WINDOWS and int(chart["data-points"]) <= P.MAX_SERIES_POINTS + 1
                 continue
             assert int(chart["data-points"]) == N_WINDOWS == int(chart["data-windows"]), key
             assert int(chart["data-bands"]) == 1, key  # one distribution_shift band per model
@@ -502,38 +503,38 @@ def test_dashboard_queries_on_both_engines(store_url: str) -> None:
 
         run = asyncio.run
         now = sc.now_ms
-        models = run(D.models_payload(query, minutes=15, now=now))
+        models = run(P.models_payload(query, minutes=15, now=now))
         assert [m["model_id"] for m in models["models"]] == sorted(LAYERS)
         for m in models["models"]:
             assert [layer["layer"] for layer in m["layers"]] == LAYERS[m["model_id"]]
             assert m["events"] == N_WINDOWS * EVENTS_PER_STEP
 
-        drift = run(D.drift_payload(query, minutes=15, now=now, threshold=0.5, alpha=0.05))
+        drift = run(P.drift_payload(query, minutes=15, now=now, threshold=0.5, alpha=0.05))
         assert [(s["model_id"], s["layer"]) for s in drift["series"]] == [(m, la) for m in sorted(CHARTS) for la in CHARTS[m]]
         assert all(len(s["window_id"]) == N_WINDOWS == s["windows"] for s in drift["series"])
         assert all(s["window_end_ms"] == sorted(s["window_end_ms"]) for s in drift["series"])
         cnn, mlp = drift["bands"]["digits-cnn"], drift["bands"]["digits-mlp"]
         assert len(cnn) == 1 and not cnn[0]["open"] and cnn[0]["end_ms"] - cnn[0]["start_ms"] == 180_000
         assert len(mlp) == 1 and mlp[0]["open"] and mlp[0]["end_ms"] == now
-        narrow = run(D.drift_payload(query, minutes=2, now=now, threshold=0.5, alpha=0.05, model_id="digits-cnn",
+        narrow = run(P.drift_payload(query, minutes=2, now=now, threshold=0.5, alpha=0.05, model_id="digits-cnn",
                                      layer="conv2"))
         assert [(s["model_id"], s["layer"], len(s["window_id"])) for s in narrow["series"]] == [("digits-cnn", "conv2", 25)]
         assert narrow["bands"] == {}  # resolved before the range
 
-        labels = run(D.labels_payload(query, minutes=15, now=now))
+        labels = run(P.labels_payload(query, minutes=15, now=now))
         assert labels["series"][0]["attack_type"] == "clean"
         assert sum(sum(s["events"]) for s in labels["series"]) == sc.n_events
         assert all(len(s["events"]) == len(labels["buckets"]) for s in labels["series"])
 
-        alerts = run(D.alerts_payload(query, minutes=15, now=now))
+        alerts = run(P.alerts_payload(query, minutes=15, now=now))
         assert [a["alert_id"] for a in alerts["alerts"][:2]] == ["probe-7", "shift-mlp"]  # open, newest first
         assert alerts["open"] == 2 and len(alerts["alerts"]) == 4
         shift = next(a for a in alerts["alerts"] if a["alert_id"] == "shift-cnn")
         assert shift["severity"] == "critical" and shift["duration_ms"] == 180_000 and shift["window_id"] == sc.attacked_window
-        recent = run(D.alerts_payload(query, minutes=1, now=now))
+        recent = run(P.alerts_payload(query, minutes=1, now=now))
         assert {a["alert_id"] for a in recent["alerts"]} == {"probe-7", "shift-mlp"}  # open ones whatever their age
 
-        window = run(D.window_payload(query, window_id=sc.attacked_window, layer="__combined__", limit=20))
+        window = run(P.window_payload(query, window_id=sc.attacked_window, layer="__combined__", limit=20))
         assert [la["layer"] for la in window["layers"]] == LAYERS["digits-cnn"]
         assert window["model_id"] == "digits-cnn" and len(window["events"]) == TOP_K
         first = window["events"][0]
@@ -541,7 +542,7 @@ def test_dashboard_queries_on_both_engines(store_url: str) -> None:
         assert all(0.0 <= v <= 1.0 for v in first["input"]) and first["ts_ms"] > 0
         scores = [e["score"] for e in window["events"]]
         assert scores == sorted(scores, reverse=True)
-        missing = run(D.window_payload(query, window_id="no-such-window"))
+        missing = run(P.window_payload(query, window_id="no-such-window"))
         assert missing["events"] == [] and missing["layers"] == []
     finally:
         store.close()
