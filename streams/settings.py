@@ -91,6 +91,7 @@ class Settings:
     test_batch_windows: int = 16  # windows a test worker takes per step
     drift_layers: str = "penultimate"  # layers the window test uses: all, or a comma list (the detector uses every layer)
     drift_batch: int = 32  # closed windows tested together (MMD GEMMs stacked across models)
+    mmd_kernel: str = "median"  # the worker's MMD kernel: median (one bandwidth, raw features) or ladis
     drift_test: str = "mmd"  # the window test: mmd, or package.module:factory (docs/architecture.md)
     # alerts
     alert_detection_rate: float = 0.5
