@@ -75,13 +75,13 @@ def top1(outputs: Any) -> list[int]:
     return t.reshape(t.shape[0], -1).argmax(dim=1).tolist()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
-    """One call's rows waiting in the queue (device tensors, not yet copied to the host)."""
+    """One call's rows waiting in the queue: outputs and layers side by side in one (n, width)
+    device tensor (one copy on the request path), not yet copied to the host."""
 
     n: int
-    outputs: torch.Tensor
-    layers: list[torch.Tensor]
+    rows: torch.Tensor
     client: str | list[str]
     ids: list[str] | None
     ts_ms: int
@@ -155,9 +155,9 @@ class Monitor:
         self.output_fn = output_fn
         self.tap = (LayerTap(model, layers, include_regex=include_regex, penultimate=penultimate, dtype=layer_dtype)
                     if model is not None else None)
-        self._torch_dtype = torch.float16 if self.layer_dtype == np.float16 else torch.float32
         self._layer_names: list[str] | None = list(self.tap.names) if self.tap is not None else None
         self._layer_dims: dict[str, int] | None = None
+        self._width: int | None = None  # columns of a packed row: outputs, then each layer
 
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[_Entry] = collections.deque()
@@ -199,7 +199,8 @@ class Monitor:
             raise TypeError("this Monitor has no model: call observe(outputs, layers) instead")
         out, mats = self.tap.forward(x)
         outputs = first_tensor(out).detach()
-        self._put(outputs.to(torch.float32, copy=True), mats, client_id, request_ids)
+        # one op copies outputs and layers together (cat promotes to the widest dtype)
+        self._put(torch.cat([outputs.reshape(outputs.shape[0], -1), *mats], dim=1), mats, client_id, request_ids)
         return out
 
     def observe(self, outputs: Any, layers: Mapping[str, Any], client_id: str | Sequence[str] | None = None,
@@ -210,7 +211,7 @@ class Monitor:
         ``layers``: name -> (n, dim) or (n, C, *spatial) activations (pooled to (n, C)),
         the same names and dimensions on every call.
         """
-        out = _as_tensor(outputs, "outputs").to(torch.float32, copy=True)
+        out = _as_tensor(outputs, "outputs")
         if out.dim() != 2:
             raise ValueError(f"outputs must be (n, classes), got shape {tuple(out.shape)}")
         names = list(layers)
@@ -218,18 +219,16 @@ class Monitor:
             self._layer_names = names
         if sorted(names) != sorted(self._layer_names):
             raise ValueError(f"layers {names} differ from this monitor's {self._layer_names}")
-        mats = [pool_to_matrix(_as_tensor(layers[name], name)).to(self._torch_dtype, copy=True)
-                for name in self._layer_names]
-        dims = {name: int(m.shape[1]) for name, m in zip(self._layer_names, mats)}
-        if self._layer_dims is None:
-            self._layer_dims = dims
-        if dims != self._layer_dims or any(m.shape[0] != out.shape[0] for m in mats):
-            raise ValueError(f"layer shapes {dims} (rows {[m.shape[0] for m in mats]}) do not match "
-                             f"{self._layer_dims} with {out.shape[0]} rows")
-        self._put(out, mats, client_id, request_ids)
+        mats = [pool_to_matrix(_as_tensor(layers[name], name)).to(out.device) for name in self._layer_names]
+        if any(m.shape[0] != out.shape[0] for m in mats):
+            raise ValueError(f"layers of {[m.shape[0] for m in mats]} rows do not match {out.shape[0]} outputs")
+        # cat always copies: the caller may reuse its buffers once this returns
+        self._put(torch.cat([out.float(), *mats], dim=1), mats, client_id, request_ids)
 
-    def _put(self, outputs: torch.Tensor, mats: list[torch.Tensor], client_id: Any, request_ids: Any) -> None:
-        n = int(outputs.shape[0])
+    def _put(self, rows: torch.Tensor, mats: list[torch.Tensor], client_id: Any, request_ids: Any) -> None:
+        n = int(rows.shape[0])
+        if self._width != rows.shape[1]:
+            self._check_width(rows, mats)
         if request_ids is not None:
             request_ids = [str(r) for r in request_ids]
             if len(request_ids) != n:
@@ -241,7 +240,7 @@ class Monitor:
             if len(client_id) != n:
                 raise ValueError(f"{len(client_id)} client ids for {n} rows")
         now = time.monotonic()
-        entry = _Entry(n, outputs, mats, client_id, request_ids, int(time.time() * 1000), now)
+        entry = _Entry(n, rows, client_id, request_ids, int(time.time() * 1000), now)
         dropped = 0
         with self._cond:
             if self._closing:
@@ -261,6 +260,16 @@ class Monitor:
         if dropped:
             self._warn("dropped", "layerwatch queue full (%d rows): dropped the oldest rows, %d so far; is the "
                        "broker at %s reachable?", self.queue_rows, self._dropped, self.bootstrap)
+
+    def _check_width(self, rows: torch.Tensor, mats: list[torch.Tensor]) -> None:
+        """First call: remember the packed width and the layer dimensions; later: refuse a change."""
+        dims = [int(m.shape[1]) for m in mats]
+        if self._width is None:
+            self._width = int(rows.shape[1])
+            self._layer_dims = dict(zip(self._layer_names or (), dims))
+            return
+        raise ValueError(f"outputs and layers of {rows.shape[1]} columns (layers {dims}) do not match this "
+                         f"monitor's first call ({self._width} columns, layers {self._layer_dims})")
 
     # --- serving defences -------------------------------------------------------------------
 
@@ -374,13 +383,14 @@ class Monitor:
         """Concatenate on the device, output_fn, one host copy, one PredictionBatch to the producer."""
         n = sum(e.n for e in entries)
         try:
-            device = entries[0].outputs.device
-            outputs = torch.cat([e.outputs.to(device) for e in entries]) if len(entries) > 1 else entries[0].outputs
+            device = entries[0].rows.device
+            rows = torch.cat([e.rows.to(device) for e in entries]) if len(entries) > 1 else entries[0].rows
+            dims = list((self._layer_dims or {}).values())
+            outputs, *mats = torch.split(rows, [rows.shape[1] - sum(dims), *dims], dim=1)
+            outputs = outputs.float()
             if self.output_fn is not None:
                 outputs = self.output_fn(outputs)
-            layers = {name: torch.cat([e.layers[i].to(device) for e in entries]) if len(entries) > 1
-                      else entries[0].layers[i] for i, name in enumerate(self._layer_names or ())}
-            host = to_host(outputs, layers, self.layer_dtype)
+            host = to_host(outputs, dict(zip(self._layer_names or (), mats)), self.layer_dtype)
             event_ids: list[str] = []
             client_ids: list[str] = []
             for e in entries:

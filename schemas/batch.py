@@ -12,6 +12,13 @@ import numpy as np
 ROLES = ("live", "reference")
 PENULTIMATE = "penultimate"  # the layer every model publishes: the default for tests, probing and reports
 COMBINED = "__combined__"  # DriftResult.layer of the test over all layers of a window together
+COUNT = "__count__"  # DriftResult.layer of the count test of a window's flagged events (attacks hidden in traffic)
+CLIENT_PREFIX = "__client__:"  # DriftResult.layer of one heavy client's own test: the prefix and the client id
+
+
+def is_layer(name: str) -> bool:
+    """True for a DriftResult row of a real layer, False for the combined, count and client rows."""
+    return not name.startswith("__")
 
 
 @dataclass

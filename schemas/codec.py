@@ -36,14 +36,17 @@ SCHEMA_FILES = {
 SCHEMA_IDS = {
     "PredictionBatch": 1,
     "DriftResult": 2,
-    "Alert": 4,
+    "Alert": 9,
     "Action": 5,
     "DeadLetter": 6,
     "AttackLabels": 7,
     "WindowSample": 8,
 }
 RETIRED_IDS = {3: "AttackLabels with per-event arrays, replaced by schema id 7 (Matrix columns)"}
-NAMES_BY_ID = {v: k for k, v in SCHEMA_IDS.items()}
+# Earlier versions still read: records written with them are resolved into today's schema (Avro
+# schema resolution: an enum that gained symbols reads every old symbol unchanged).
+EARLIER_IDS = {4: ("Alert", "alert_v4.avsc")}
+NAMES_BY_ID = {v: k for k, v in SCHEMA_IDS.items()} | {i: name for i, (name, _) in EARLIER_IDS.items()}
 MAGIC = 0
 HEADER = struct.Struct(">bI")
 
@@ -88,7 +91,12 @@ def parsed_schema(name: str) -> dict:
     """The parsed Avro schema of one event type."""
     if name not in SCHEMA_FILES:
         raise CodecError("schema", f"unknown schema name {name!r}")
-    with open(SCHEMA_DIR / SCHEMA_FILES[name], encoding="utf-8") as f:
+    return _parse_file(SCHEMA_FILES[name])
+
+
+@lru_cache(maxsize=None)
+def _parse_file(file: str) -> dict:
+    with open(SCHEMA_DIR / file, encoding="utf-8") as f:
         return fastavro.parse_schema(json.load(f))
 
 
@@ -124,7 +132,10 @@ def decode(data: bytes, *, expect: str | None = None, limits: Limits = DEFAULT_L
     body = io.BytesIO(data)  # shares a bytes object's buffer (a memoryview slice would be copied)
     body.seek(HEADER.size)
     try:
-        record = fastavro.schemaless_reader(body, parsed_schema(name))
+        if schema_id in EARLIER_IDS:
+            record = fastavro.schemaless_reader(body, _parse_file(EARLIER_IDS[schema_id][1]), parsed_schema(name))
+        else:
+            record = fastavro.schemaless_reader(body, parsed_schema(name))
     except Exception as exc:  # fastavro raises many types on malformed input
         raise CodecError("record", f"malformed Avro body: {type(exc).__name__}: {exc}"[:300]) from exc
     if body.tell() != len(data):

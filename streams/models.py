@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
-from schemas.batch import COMBINED
+from schemas.batch import COMBINED, is_layer
 from streams.store import statements as Q
 
 QUERIES = {"events": Q.MODELS_EVENTS, "references": Q.MODELS_REFERENCES, "sources": Q.MODELS_REFERENCE_SOURCES,
@@ -50,7 +50,7 @@ def overview(rows: dict[str, Sequence[Sequence[Any]]], now_ms: int) -> list[dict
                           "to_ms": int(last)}
     for model, ver, layer, windows, last_ms, rate, window_id in rows["windows"]:
         v = version(model, ver)
-        if layer != COMBINED:
+        if is_layer(layer):
             v["layers"].setdefault(layer, {"dim": None, "reference_rows": 0})
         v["windows"] = max(v["windows"], int(windows))
         if v["last_window"] is None or int(last_ms) > v["last_window"]["end_ms"] or (

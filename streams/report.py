@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from schemas.batch import COMBINED
+from schemas.batch import COMBINED, is_layer
 
 __all__ = ["COMBINED", "run_report_cli", "write_report"]
 
@@ -323,7 +323,7 @@ def _detection_figures(store: Any, out: Path, model: str | None, minutes: float 
     written = []
     for name, d in data.items():
         layers = list(dict.fromkeys(d["layer"].tolist()))
-        layers = [x for x in layers if x != COMBINED] + ([COMBINED] if COMBINED in layers else [])
+        layers = [x for x in layers if is_layer(x)] + ([COMBINED] if COMBINED in layers else [])
         fig = _figure(9.0, 4.4)
         ax = fig.add_subplot(1, 1, 1)
         lo, hi = int(d["end_ms"].min()), int(d["end_ms"].max())

@@ -93,6 +93,10 @@ class Settings:
     drift_batch: int = 32  # closed windows tested together (MMD GEMMs stacked across models)
     mmd_kernel: str = "median"  # the worker's MMD kernel: median (one bandwidth, raw features) or ladis
     drift_test: str = "mmd"  # the window test: mmd, or package.module:factory (docs/architecture.md)
+    hidden_attack_tests: bool = True  # count test of flagged events and heavy-client tests per window
+    event_flag_rate: float = 0.02  # the per-event score's threshold flags this share of clean events
+    count_alpha: float = 0.001  # a window's count (or a heavy client's) test is positive at p <= this
+    client_min_events: int = 20  # a client with this many sampled events in a window is tested alone
     # alerts
     alert_detection_rate: float = 0.5
     alert_consecutive: int = 2
@@ -261,6 +265,9 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "probing_max_clients": (1, None, True, True),
     "probing_buffer_rows": (256, None, True, True),
     "drift_batch": (1, None, True, True),
+    "event_flag_rate": (0, 0.5, False, True),
+    "count_alpha": (0, 1, False, False),
+    "client_min_events": (2, None, True, True),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -16,32 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from schemas.codec import CodecError, encode
+from schemas.codec import CodecError
 from schemas.window import WindowSample, decode_window
 from streams.ingest import dead_letter
-from streams.stages.drift import analysis_options, drift_records
-from streams.stages.references import Reference, ReferenceCache
-from workers.drift import WindowAnalysis
-from workers.mmd.batch import analyze_windows
+from streams.stages.drift import analysis_options, analyze_all, drift_records, send_drift
+from streams.stages.references import ReferenceCache
 
 log = logging.getLogger(__name__)
-
-
-def analyze_all(pairs: Sequence[tuple[WindowSample, Reference]], options: Any) -> list[tuple[WindowAnalysis, float]]:
-    """Each window's analysis against its reference, with its compute time in ms (runs in the test thread).
-
-    One call of :func:`workers.mmd.batch.analyze_windows` for the step (MMD GEMMs stacked across
-    models on a GPU); the compute time of each window is the step's share.
-    """
-    started = time.perf_counter()
-    analyses = analyze_windows([(reference.test, {name: window.layers[name] for name in reference.layers},
-                                 window.predicted) for window, reference in pairs], options)
-    each_ms = (time.perf_counter() - started) * 1000 / max(1, len(pairs))
-    return [(analysis, each_ms) for analysis in analyses]
 
 
 class WindowTests:
@@ -78,16 +62,13 @@ class WindowTests:
             if missing:
                 log.warning("window %s lacks layers %s of the reference; skipped", window.window_id, sorted(missing))
                 continue
-            pairs.append((window, reference))
+            pairs.append((window, reference, {name: window.layers[name] for name in reference.layers}))
         if not pairs:
             return
         results = await asyncio.get_running_loop().run_in_executor(self.executor, analyze_all, pairs, self.options)
-        topic = self.runtime.topics.drift
-        for (window, reference), (analysis, compute_ms) in zip(pairs, results):
+        for (window, reference, _), (analysis, hidden, compute_ms) in zip(pairs, results):
             self.metrics.test_seconds.observe(compute_ms / 1000)
             self.metrics.windows.labels(window.model_id).inc()
             self.tested += 1
-            for record in drift_records(window, reference, analysis, self.settings, compute_ms):
-                self.metrics.detection_rate.labels(window.model_id, record["layer"]).set(record["detection_rate"])
-                self.metrics.p_value.labels(window.model_id, record["layer"]).set(record["p_value"])
-                await topic.send(key=window.model_id.encode(), value=encode("DriftResult", record))
+            for record in drift_records(window, reference, analysis, self.settings, compute_ms, hidden):
+                await send_drift(self.runtime.topics.drift, self.metrics, record)

@@ -42,6 +42,7 @@ class _LayerModel:
     means: np.ndarray  # (C, d) class means (global mean for classes absent from the fold)
     precision: np.ndarray  # (d, d)
     classes: np.ndarray  # (C,) class labels of the rows of means
+    whiten: np.ndarray  # (d, d) W with W Wᵀ = precision: Mahalanobis distance = Euclidean after x @ W
 
 
 def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
@@ -51,13 +52,13 @@ def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
     means = np.stack([x[y == c].mean(0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
     precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-    return _LayerModel(means=means, precision=precision, classes=classes)
+    return _LayerModel(means=means, precision=precision, classes=classes, whiten=np.linalg.cholesky(precision))
 
 
 def _distance(model: _LayerModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance of each row to its class mean (the nearest mean for unknown classes)."""
-    diff = x[:, None, :] - model.means[None, :, :]  # (n, C, d)
-    d2 = np.einsum("ncd,de,nce->nc", diff, model.precision, diff)
+    z, mz = x @ model.whiten, model.means @ model.whiten  # one (n, d) x (d, d) product, no (n, C, d) tensor
+    d2 = np.maximum((z * z).sum(1)[:, None] - 2.0 * z @ mz.T + (mz * mz).sum(1)[None, :], 0.0)
     pos = np.searchsorted(model.classes, y).clip(0, len(model.classes) - 1)
     known = model.classes[pos] == y
     return np.where(known, d2[np.arange(len(y)), pos], d2.min(1))

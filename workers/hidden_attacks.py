@@ -18,6 +18,8 @@ at 25% strong PGD). Three statistics look at the events themselves instead:
 
 :func:`alert_opens` is the alert rule's "``consecutive`` positive windows in a row",
 vectorised over many simulated episodes (the benchmark's minimum detectable share).
+:class:`HiddenAttackTest` bundles the count and heavy-client tests for one model version,
+fitted once on its clean reference, as the drift stage runs them on every window.
 Pure numpy/scipy; the stream wiring lives in ``streams/``.
 """
 
@@ -29,7 +31,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ClientTest", "alert_opens", "count_test", "heavy_client_tests", "rank_events", "rate_bound"]
+from workers.drift import Verdict
+from workers.eventscore import EventScorer
+
+__all__ = ["ClientTest", "HiddenAttackTest", "alert_opens", "count_test", "heavy_client_tests", "rank_events",
+           "rate_bound"]
 
 
 def count_test(flagged: Any, n: Any, rate: float) -> np.ndarray:
@@ -181,3 +187,52 @@ def alert_opens(positive: Any, consecutive: int = 2) -> np.ndarray:
         return np.zeros(pos.shape[0], dtype=bool)
     c = np.concatenate([np.zeros((pos.shape[0], 1), dtype=np.int64), np.cumsum(pos, axis=1)], axis=1)
     return ((c[:, consecutive:] - c[:, :-consecutive]) == consecutive).any(axis=1)
+
+
+class HiddenAttackTest:
+    """The count test and the heavy-client tests of one model version, fitted on its clean reference.
+
+    The per-event score is :class:`~workers.eventscore.EventScorer` (unsupervised: it needs
+    no attack examples); its threshold flags about ``flag_rate`` of clean events, and the
+    clean rate the count test assumes is the calibration's median estimate of that rate.
+    ``analyze`` answers, for one window: ``"count"``, the binomial test of the flagged
+    events among all the window's rows, and one :class:`ClientTest` per client with at
+    least ``min_client_events`` rows (count test on its own flags; MMD on its own rows
+    when ``tester`` is given).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> test = HiddenAttackTest({"pen": rng.normal(size=(500, 8))}, rng.integers(0, 3, 500))
+        >>> window = rng.normal(size=(200, 8))
+        >>> window[:20] += 4.0                      # 10% of the events, all from one client
+        >>> clients = np.array(["mallory"] * 20 + ["c%d" % (i % 9) for i in range(180)])
+        >>> count, per_client = test.analyze({"pen": window}, np.zeros(200, int), clients)
+        >>> bool(count.p_value < 1e-6), per_client[0].client, per_client[0].flagged
+        (True, 'mallory', 20)
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray], classes: np.ndarray, *, flag_rate: float = 0.02,
+                 min_client_events: int = 20, tester: Any = None, seed: int = 0) -> None:
+        self.scorer = EventScorer(reference, classes, seed=seed)
+        self.threshold = self.scorer.threshold(flag_rate)
+        self.rate = min(max(rate_bound(*self.scorer.flag_rate(self.threshold)), 1e-6), 0.5)
+        self.min_client_events = int(min_client_events)
+        self.tester = tester
+
+    def analyze(self, layers: Mapping[str, np.ndarray], classes: np.ndarray,
+                client_ids: Any = None, top_k: int = 20) -> tuple[Verdict, list[ClientTest]]:
+        """(count verdict, heavy clients most suspicious first) of one window's rows.
+
+        The count verdict's statistic is the number of flagged rows, its detection rate their
+        share, its top rows the highest per-event scores (the "which requests" list)."""
+        scores = self.scorer.score(layers, classes)
+        flags = scores > self.threshold
+        n, k = len(scores), int(flags.sum())
+        top = np.argsort(-scores, kind="stable")[:top_k]
+        count = Verdict(float(k), float(count_test(k, n, self.rate)), k / n if n else 0.0, top, scores[top])
+        clients: list[ClientTest] = []
+        if client_ids is not None and len(client_ids) == n and n >= self.min_client_events:
+            clients = heavy_client_tests(client_ids, self.min_client_events, tester=self.tester,
+                                         layers=layers if self.tester is not None else None, flags=flags,
+                                         rate=self.rate)
+        return count, clients

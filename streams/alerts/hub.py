@@ -29,7 +29,8 @@ class AlertHub:
     def from_settings(cls, settings: Any, sinks: Sequence[AlertSink], metrics: Any) -> "AlertHub":
         rules = AlertRules(detection_threshold=settings.alert_detection_rate, consecutive=settings.alert_consecutive,
                            clear_windows=settings.alert_clear_windows,
-                           adversarial_share=settings.alert_adversarial_share)
+                           adversarial_share=settings.alert_adversarial_share, count_alpha=settings.count_alpha,
+                           window_step_ms=int(settings.window_step_s * 1000))
         return cls(rules, sinks, metrics)
 
     def pause(self) -> None:

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-KINDS = ("distribution_shift", "attack_classified", "probing")
+KINDS = ("distribution_shift", "attack_classified", "probing", "hidden_attack")
 STATES = ("open", "resolved")
 SEVERITIES = ("info", "warning", "critical")
 
@@ -118,8 +118,13 @@ class AlertRules:
       already decides per event, so one such window suffices); a window with fewer labelled
       events counts as a window under the threshold.
     - both resolve after ``clear_windows`` consecutive windows under the threshold.
+    - :meth:`on_count`: hidden_attack opens when a window's count of flagged events has
+      p <= ``count_alpha`` for ``consecutive`` consecutive windows (a minority of crafted
+      events among clean ones), and resolves like the others.
     - :meth:`on_probing` opens one alert per (model, client); :meth:`expire` resolves it
-      when the client was not re-flagged for ``quiet_s``.
+      when the client was not re-flagged for ``quiet_s``. :meth:`on_client` does the same
+      for a heavy client whose own test (its flagged events) is positive in ``consecutive``
+      windows: a hidden_attack alert that names the client.
 
     The same window reported twice (a replay, or one result per layer) counts once.
 
@@ -144,6 +149,8 @@ class AlertRules:
         clear_windows: int = 2,
         adversarial_share: float = 0.3,
         min_labelled: int = 20,
+        count_alpha: float = 0.001,
+        window_step_ms: int = 5_000,
     ) -> None:
         if consecutive < 1 or clear_windows < 1 or min_labelled < 1:
             raise ValueError("consecutive, clear_windows and min_labelled must be >= 1")
@@ -152,8 +159,12 @@ class AlertRules:
         self.clear_windows = int(clear_windows)
         self.adversarial_share = float(adversarial_share)
         self.min_labelled = int(min_labelled)
+        self.count_alpha = float(count_alpha)
+        self.window_step_ms = int(window_step_ms)
+        self._client_hits: dict[tuple[str, str], deque] = {}  # (model, client) -> (window id, end ms) of positives
         self._streaks: dict[tuple[str, str], _Streak] = {}
-        self._probing: dict[tuple[str, str], tuple[AlertEvent, int]] = {}  # (model, client) -> (open event, last ts)
+        # per-client alerts: (model, client, kind) -> (open event, last ts)
+        self._probing: dict[tuple[str, str, str], tuple[AlertEvent, int]] = {}
 
     # -- window-based alerts
     def _step(
@@ -250,10 +261,34 @@ class AlertRules:
 
         return self._step(model_id, "attack_classified", origin, window_end_ms, over, 1, opening, closing)
 
+    def on_count(self, model_id: str, window_id: str, window_end_ms: int, p_value: float, flagged: int,
+                 n_window: int, top_event_ids: Sequence[str] = ()) -> list[AlertEvent]:
+        """Feed one window's count test (flagged events among ``n_window``); hidden_attack per model."""
+        alpha, p = self.count_alpha, float(p_value)
+
+        def opening(aid: str, st: _Streak) -> AlertEvent:
+            return AlertEvent(
+                aid, int(window_end_ms), model_id, "hidden_attack", "open", "critical" if p <= alpha / 100 else "warning",
+                window_id=window_id, event_ids=tuple(map(str, top_event_ids)),
+                message=(f"attack hidden in traffic on model {model_id}: {flagged} of {n_window} sampled events flagged "
+                         f"(count test p = {p:.1e} ≤ {alpha:g}) for {st.above} consecutive windows since "
+                         f"{_hms(st.first_ts)} UTC"),
+            )
+
+        def closing(opened: AlertEvent, st: _Streak) -> AlertEvent:
+            return AlertEvent(
+                opened.alert_id, int(window_end_ms), model_id, "hidden_attack", "resolved", "info", window_id=window_id,
+                message=(f"attack hidden in traffic on model {model_id} resolved: flagged events as expected for "
+                         f"{st.below} consecutive windows (opened {_hms(opened.ts_ms)} UTC)"),
+            )
+
+        return self._step(model_id, "hidden_attack", window_id, window_end_ms, p <= alpha, self.consecutive,
+                          opening, closing)
+
     # -- client-based alerts
     def on_probing(self, model_id: str, client_id: str, ts_ms: int, count: int) -> list[AlertEvent]:
         """A probing hit for a client: opens its alert, or only refreshes an alert already open."""
-        key = (model_id, client_id)
+        key = (model_id, client_id, "probing")
         if key in self._probing:
             opened, last = self._probing[key]
             self._probing[key] = (opened, max(last, int(ts_ms)))
@@ -267,17 +302,48 @@ class AlertRules:
         self._probing[key] = (event, int(ts_ms))
         return [event]
 
+    def on_client(self, model_id: str, client_id: str, window_id: str, ts_ms: int, p_value: float,
+                  flagged: int, n_client: int, top_event_ids: Sequence[str] = ()) -> list[AlertEvent]:
+        """A heavy client's own test in one window: ``consecutive`` positives open a hidden_attack alert
+        naming it (one per (model, client)); it resolves through :meth:`expire` once the client is quiet."""
+        if float(p_value) > self.count_alpha:
+            return []
+        key = (model_id, client_id, "hidden_attack")
+        if key in self._probing:  # already open: refresh it
+            opened, last = self._probing[key]
+            self._probing[key] = (opened, max(last, int(ts_ms)))
+            return []
+        hits = self._client_hits.setdefault(key[:2], deque(maxlen=self.consecutive))
+        if any(w == window_id for w, _ in hits):
+            return []
+        hits.append((window_id, int(ts_ms)))
+        # positives in `consecutive` windows in a row: their ends lie within (consecutive - 1) steps
+        if len(hits) < self.consecutive or hits[-1][1] - hits[0][1] > (self.consecutive - 1) * self.window_step_ms:
+            return []
+        del self._client_hits[key[:2]]
+        event = AlertEvent(
+            alert_id(model_id, "hidden_attack", f"{client_id}@{int(ts_ms)}"), int(ts_ms), model_id, "hidden_attack",
+            "open", "critical", window_id=window_id, event_ids=tuple(map(str, top_event_ids)), client_id=client_id,
+            message=(f"attack hidden in traffic on model {model_id} by client {client_id}: {flagged} of its "
+                     f"{n_client} sampled events flagged (adjusted p = {float(p_value):.1e}) in {self.consecutive} "
+                     f"windows, the last ending {_hms(ts_ms)} UTC"),
+        )
+        self._probing[key] = (event, int(ts_ms))
+        return [event]
+
     def expire(self, now_ms: int, quiet_s: float) -> list[AlertEvent]:
-        """Resolve the probing alerts not re-triggered for ``quiet_s`` seconds before ``now_ms``."""
+        """Resolve the per-client alerts (probing, hidden_attack by a client) not re-triggered for ``quiet_s``
+        seconds before ``now_ms``."""
         quiet_ms = int(round(quiet_s * 1000))
         out: list[AlertEvent] = []
         for key, (opened, last) in list(self._probing.items()):
             if last + quiet_ms <= now_ms:
                 del self._probing[key]
+                what = "probing" if opened.kind == "probing" else "attack hidden in traffic"
                 out.append(AlertEvent(
-                    opened.alert_id, int(now_ms), opened.model_id, "probing", "resolved", "info",
+                    opened.alert_id, int(now_ms), opened.model_id, opened.kind, "resolved", "info",
                     client_id=opened.client_id,
-                    message=(f"probing on model {opened.model_id} by client {opened.client_id} resolved: "
+                    message=(f"{what} on model {opened.model_id} by client {opened.client_id} resolved: "
                              f"not re-flagged for {quiet_s:g} s"),
                 ))
         return out
@@ -289,11 +355,11 @@ class AlertRules:
         after the restart resolve it under its own id instead of opening a second alert.
         """
         for e in events:
-            if e.kind == "probing":
+            if e.client_id:  # per-client alerts: probing, and hidden_attack naming a client
                 if e.state == "open":
-                    self._probing[(e.model_id, e.client_id)] = (e, int(e.ts_ms))
+                    self._probing[(e.model_id, e.client_id, e.kind)] = (e, int(e.ts_ms))
                 else:
-                    self._probing.pop((e.model_id, e.client_id), None)
+                    self._probing.pop((e.model_id, e.client_id, e.kind), None)
                 continue
             st = self._streaks.setdefault((e.model_id, e.kind), _Streak())
             if e.state == "open":

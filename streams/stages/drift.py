@@ -21,19 +21,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from schemas.batch import COMBINED, PredictionBatch
+import numpy as np
+
+from schemas.batch import CLIENT_PREFIX, COMBINED, COUNT, PredictionBatch
 from schemas.codec import encode
 from schemas.window import WindowSample, encode_window
 from streams.rows import Delivered, now_ms
 from streams.stages.bootstrap import ReferenceBootstrap
 from streams.stages.references import Reference, ReferenceCache, drift_layers
 from workers.drift import AnalysisOptions, Verdict, WindowAnalysis
+from workers.hidden_attacks import ClientTest
 from workers.mmd.batch import analyze_windows
 from workers.windows import ClosedWindow, Coalescer, WindowManager
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+Hidden = tuple[Verdict, list[ClientTest]]  # a window's count verdict and its heavy clients
 
 
 def analysis_options(settings: Any) -> AnalysisOptions:
@@ -41,9 +45,27 @@ def analysis_options(settings: Any) -> AnalysisOptions:
                            alpha=settings.alpha, shift_adjust=settings.shift_adjust)
 
 
-def drift_records(window: ClosedWindow, reference: Reference, analysis: WindowAnalysis, settings: Any,
-                  compute_ms: float) -> list[dict[str, Any]]:
-    """DriftResult records, one per layer plus the combined row, from one analysis of one window."""
+def analyze_all(jobs: Sequence[tuple[Any, Reference, dict]], options: AnalysisOptions,
+                ) -> list[tuple[WindowAnalysis, Hidden | None, float]]:
+    """Each window's analysis, hidden-attack tests and compute time in ms (runs in the test thread).
+
+    ``jobs`` are ``(window, reference, layers)``; a window is a :class:`ClosedWindow` or a
+    :class:`WindowSample` (``predicted``, ``client_ids``). One call of
+    :func:`workers.mmd.batch.analyze_windows` for all of them (MMD GEMMs stacked across
+    models); each window's compute time is its share of the whole.
+    """
+    started = time.perf_counter()
+    analyses = analyze_windows([(ref.test, layers, w.predicted) for w, ref, layers in jobs], options)
+    hidden = [ref.hidden.analyze(layers, w.predicted, w.client_ids, options.top_k) if ref.hidden is not None else None
+              for w, ref, layers in jobs]
+    each_ms = (time.perf_counter() - started) * 1000 / max(1, len(jobs))
+    return [(analysis, h, each_ms) for analysis, h in zip(analyses, hidden)]
+
+
+def drift_records(window: Any, reference: Reference, analysis: WindowAnalysis, settings: Any,
+                  compute_ms: float, hidden: Hidden | None = None) -> list[dict[str, Any]]:
+    """DriftResult records of one window: one per layer, the combined row, and with ``hidden`` the count
+    row (statistic: flagged events) and one row per heavy client whose adjusted p-value is <= alpha."""
     base = {
         "window_id": window.window_id, "model_id": window.model_id, "model_version": window.model_version,
         "window_start_ms": int(window.start_ms), "window_end_ms": int(window.end_ms),
@@ -51,14 +73,23 @@ def drift_records(window: ClosedWindow, reference: Reference, analysis: WindowAn
         "n_permutations": settings.mmd_permutations, "compute_ms": compute_ms, "device": reference.test.device,
     }
 
-    def record(layer: str, verdict: Verdict) -> dict[str, Any]:
+    def record(layer: str, verdict: Verdict, rows: Any = None) -> dict[str, Any]:
         top = [{"event_id": str(window.event_ids[i]), "score": float(s)}
-               for i, s in zip(verdict.top_rows, verdict.top_scores)]
+               for i, s in zip(verdict.top_rows, verdict.top_scores) if rows is None or rows[i]]
         return {**base, "layer": layer, "mmd2": verdict.statistic, "p_value": verdict.p_value,
                 "detection_rate": verdict.detection_rate, "bandwidth": verdict.bandwidth, "top_samples": top}
 
-    return [record(layer, analysis.layers[layer]) for layer in reference.layers] + \
+    records = [record(layer, analysis.layers[layer]) for layer in reference.layers] + \
         [record(COMBINED, analysis.combined)]
+    if hidden is not None:
+        count, clients = hidden
+        records.append(record(COUNT, count))
+        ids = np.asarray(window.client_ids).astype(str)
+        for c in clients:
+            if c.p_adjusted <= settings.alpha:
+                verdict = Verdict(float(c.flagged), c.p_adjusted, c.flagged / c.n, count.top_rows, count.top_scores)
+                records.append({**record(CLIENT_PREFIX + c.client, verdict, ids == c.client), "n_window": c.n})
+    return records
 
 
 class DriftStage:
@@ -226,17 +257,19 @@ class DriftStage:
         jobs = await self._jobs(windows)
         if not jobs:
             return
-        started = time.perf_counter()
-        analyses = await asyncio.get_running_loop().run_in_executor(
-            self.executor, analyze_windows, [(ref.test, layers, w.predicted) for w, ref, layers in jobs], self.options)
-        elapsed = time.perf_counter() - started
+        results = await asyncio.get_running_loop().run_in_executor(self.executor, analyze_all, jobs, self.options)
         self.metrics.test_batch.observe(len(jobs))
-        for (window, reference, _), analysis in zip(jobs, analyses):
-            per_window = elapsed / len(jobs)
-            self.metrics.test_seconds.observe(per_window)
+        for (window, reference, _), (analysis, hidden, compute_ms) in zip(jobs, results):
+            self.metrics.test_seconds.observe(compute_ms / 1000)
             self.metrics.windows.labels(window.model_id).inc()
             self.tested += 1
-            for record in drift_records(window, reference, analysis, self.settings, per_window * 1000):
-                self.metrics.detection_rate.labels(window.model_id, record["layer"]).set(record["detection_rate"])
-                self.metrics.p_value.labels(window.model_id, record["layer"]).set(record["p_value"])
-                await self.topic.send(key=window.model_id.encode(), value=encode("DriftResult", record))
+            for record in drift_records(window, reference, analysis, self.settings, compute_ms, hidden):
+                await send_drift(self.topic, self.metrics, record)
+
+
+async def send_drift(topic: Any, metrics: Any, record: dict[str, Any]) -> None:
+    """Publish one DriftResult; its gauges are set for layer, combined and count rows (not per client)."""
+    if not record["layer"].startswith(CLIENT_PREFIX):
+        metrics.detection_rate.labels(record["model_id"], record["layer"]).set(record["detection_rate"])
+        metrics.p_value.labels(record["model_id"], record["layer"]).set(record["p_value"])
+    await topic.send(key=record["model_id"].encode(), value=encode("DriftResult", record))

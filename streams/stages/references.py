@@ -15,6 +15,7 @@ from streams.rows import now_ms
 from streams.store import statements as Q
 from streams.writer import StoreWriter
 from workers.drift import DriftTest
+from workers.hidden_attacks import HiddenAttackTest
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,19 @@ class Reference:
     layers: tuple[str, ...]
     n: int
     built_ms: int
+    hidden: HiddenAttackTest | None = None  # count and heavy-client tests (LW_HIDDEN_ATTACK_TESTS)
+
+
+def fit_hidden(layers: Mapping[str, np.ndarray], classes: np.ndarray, settings: Any) -> HiddenAttackTest | None:
+    """The hidden-attack tests of a reference, or None when they are off or cannot be fitted (logged)."""
+    if not settings.hidden_attack_tests:
+        return None
+    try:
+        return HiddenAttackTest(layers, classes, flag_rate=settings.event_flag_rate,
+                                min_client_events=settings.client_min_events)
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        log.warning("hidden-attack tests off for this reference (%s)", exc)
+        return None
 
 
 def drift_layers(layers: Mapping[str, Any], spec: str) -> dict[str, Any]:
@@ -103,10 +117,12 @@ class ReferenceCache:
                             key[0], key[1], s.drift_layers)
                 self._warned.add(key)
             return None
-        test = await asyncio.get_running_loop().run_in_executor(executor, self.factory, layers, classes, s)
+        loop = asyncio.get_running_loop()
+        test = await loop.run_in_executor(executor, self.factory, layers, classes, s)
+        hidden = await loop.run_in_executor(executor, fit_hidden, layers, classes, s)
         self._stale.discard(key)
         self._warned.discard(key)
-        reference = Reference(test, tuple(layers), len(classes), now_ms())
+        reference = Reference(test, tuple(layers), len(classes), now_ms(), hidden)
         self._cache[key] = reference
         log.info("reference for %s@%s: %d events, layers %s", key[0], key[1], reference.n, ", ".join(layers))
         return reference

@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from schemas.batch import COMBINED, PENULTIMATE
+from schemas.batch import CLIENT_PREFIX, COMBINED, PENULTIMATE, is_layer
 from streams.store.statements import (
     MODEL_LAYERS_SQL,
     MODEL_EVENTS_SQL,
@@ -196,10 +196,11 @@ def drift_series(rows: Iterable[Mapping[str, Any]], max_points: int = MAX_SERIES
     """
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
-        grouped.setdefault((str(r["model_id"]), str(r["layer"])), []).append(r)
+        if not str(r["layer"]).startswith(CLIENT_PREFIX):  # one client's rows are no series of the model
+            grouped.setdefault((str(r["model_id"]), str(r["layer"])), []).append(r)
     tapped: dict[str, set[str]] = {}
     for model_id, layer in grouped:
-        if layer != COMBINED:
+        if is_layer(layer):
             tapped.setdefault(model_id, set()).add(layer)
     series = []
     for (model_id, layer) in sorted(grouped, key=lambda k: (k[0], layer_order(k[1]))):

@@ -225,3 +225,23 @@ def test_labels_reject_bad_indices_and_the_retired_schema_id() -> None:
     with pytest.raises(CodecError, match="p_adversarial"):
         encode_labels(LabelBatch("m", "1", "c", ["a"], np.array([1]), np.array([np.nan], np.float32),
                                  np.array(["x"]), np.ones(1, np.float32), np.array(["m"]), np.ones(1, np.float32)))
+
+
+def test_alerts_written_with_schema_id_4_are_still_read() -> None:
+    """Alert moved to schema id 9 when AlertKind gained hidden_attack; records of id 4 resolve into it."""
+    import io
+    import json
+
+    import fastavro
+
+    from schemas.codec import HEADER, SCHEMA_DIR, decode
+
+    with open(SCHEMA_DIR / "alert_v4.avsc", encoding="utf-8") as f:
+        old = fastavro.parse_schema(json.load(f))
+    record = {"alert_id": "probing/cnn/c@1", "ts_ms": 1, "model_id": "cnn", "kind": "probing", "state": "open",
+              "severity": "warning", "window_id": "", "event_ids": [], "client_id": "c", "message": "m"}
+    buf = io.BytesIO()
+    buf.write(HEADER.pack(0, 4))
+    fastavro.schemaless_writer(buf, old, record)
+    assert decode(buf.getvalue()) == ("Alert", record)
+    assert SCHEMA_IDS["Alert"] == 9

@@ -23,7 +23,8 @@ Hooks only record while :meth:`LayerTap.tap` or :meth:`LayerTap.forward` runs in
 same thread (the recording state is thread-local, so concurrent requests on one model
 and attacks or training that call the same module never mix); a hook pools (or copies)
 what it sees at once, cast to the tap's dtype, so a later in-place operation in the model
-cannot change a tapped value. All matrices of one call (outputs included) are cast on the
+cannot change a tapped value. The penultimate input is the exception: the head's input is not
+written after the head reads it, so it is held by reference until the caller's single copy. All matrices of one call (outputs included) are cast on the
 device, concatenated and copied to the host **once** (:func:`to_host`), then split into
 numpy views. Works under ``torch.inference_mode()`` and ``torch.no_grad()``.
 :meth:`LayerTap.forward` returns the module's own output untouched plus the tapped device
@@ -155,7 +156,9 @@ class LayerTap:
     def _pre_hook(self, _module: nn.Module, args: tuple) -> None:
         captured = getattr(self._local, "captured", None)
         if captured is not None:
-            captured[PENULTIMATE] = _snapshot(first_tensor(args), self._torch_dtype)
+            # The head's input: nothing in the forward pass writes it after the head reads it, so it
+            # is kept by reference (no copy on the request path; callers copy once after forward).
+            captured[PENULTIMATE] = pool_to_matrix(first_tensor(args).detach())
 
     def _hook(self, name: str) -> Callable:
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
@@ -169,7 +172,10 @@ class LayerTap:
 
     def forward(self, x: object) -> tuple[object, list[torch.Tensor]]:
         """Run ``module(x)`` exactly as the caller would (its grad mode, its device, its input) and
-        return the module's output untouched plus the tapped (n, dim) device tensors in ``names`` order."""
+        return the module's output untouched plus the tapped (n, dim) device tensors in ``names`` order.
+
+        Named layers are copies in the tap's dtype; the penultimate matrix may be the model's own
+        tensor in the model's dtype: copy it (``to_host``, ``torch.cat``) before handing it on."""
         if not self._handles:
             raise RuntimeError("this LayerTap was removed")
         local = self._local

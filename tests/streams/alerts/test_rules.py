@@ -127,3 +127,40 @@ def test_invalid_events_are_rejected() -> None:
         AlertEvent("x", 0, "m", "bogus", "open", "warning")
     with pytest.raises(ValueError):
         AlertRules(consecutive=0)
+
+
+def test_count_test_opens_hidden_attack_after_consecutive_windows_and_resolves() -> None:
+    rules = AlertRules(consecutive=2, clear_windows=2, count_alpha=0.001)
+    steps = [rules.on_count("cnn", _wid(i), T0 + i * 5_000, p, 12, 200, ["e1"])
+             for i, p in enumerate([0.01, 1e-5, 0.002, 1e-4, 1e-6, 0.5, 0.3])]
+    kinds = [[(e.kind, e.state) for e in s] for s in steps]
+    assert kinds == [[], [], [], [], [("hidden_attack", "open")], [], [("hidden_attack", "resolved")]]
+    assert steps[4][0].alert_id == steps[6][0].alert_id == f"hidden_attack/cnn/{_wid(3)}"
+    assert steps[4][0].event_ids == ("e1",) and "12 of 200" in steps[4][0].message
+
+
+def test_a_heavy_client_opens_its_own_alert_only_in_consecutive_windows() -> None:
+    rules = AlertRules(consecutive=2, count_alpha=0.001, window_step_ms=5_000)
+    # positives in windows far apart (a rare false positive now and then) open nothing
+    assert rules.on_client("cnn", "eve", _wid(0), T0, 1e-4, 5, 30) == []
+    assert rules.on_client("cnn", "eve", _wid(9), T0 + 45_000, 1e-4, 5, 30) == []
+    assert rules.on_client("cnn", "eve", _wid(10), T0 + 50_000, 0.01, 3, 30) == []  # under the alert level
+    assert rules.on_client("cnn", "eve", _wid(11), T0 + 55_000, 1e-5, 9, 30) == []  # 9 and 11 are not in a row
+    opened = rules.on_client("cnn", "eve", _wid(12), T0 + 60_000, 1e-5, 9, 30)
+    assert [(e.kind, e.client_id, e.state) for e in opened] == [("hidden_attack", "eve", "open")]
+    assert rules.on_client("cnn", "eve", _wid(13), T0 + 65_000, 1e-5, 9, 30) == []  # refreshes, no second alert
+    # a probing alert on the same client is a separate alert; both resolve when the client is quiet
+    assert len(rules.on_probing("cnn", "eve", T0 + 60_000, 25)) == 1
+    resolved = rules.expire(T0 + 200_000, quiet_s=30)
+    assert sorted((e.kind, e.state) for e in resolved) == [("hidden_attack", "resolved"), ("probing", "resolved")]
+    assert {e.alert_id for e in resolved} >= {opened[0].alert_id}
+
+
+def test_hidden_attack_alerts_survive_a_restart_and_the_avro_round_trip() -> None:
+    rules = AlertRules(consecutive=1, count_alpha=0.001)
+    opened = rules.on_client("cnn", "eve", _wid(0), T0, 1e-5, 9, 30)
+    name, record = decode(encode("Alert", opened[0].to_record()))
+    assert name == "Alert" and AlertEvent.from_record(record) == opened[0]
+    restored = AlertRules(consecutive=1, count_alpha=0.001)
+    assert restored.restore(opened) == 1
+    assert restored.on_client("cnn", "eve", _wid(1), T0 + 5_000, 1e-5, 9, 30) == []  # still open: no duplicate
