@@ -170,6 +170,41 @@ def test_threads_and_asyncio_publish_every_row_once_in_micro_batches(broker: str
     assert (np.diff(np.concatenate([b.ts_ms for b in batches])) >= -1000).all()
 
 
+class Embedder(nn.Module):
+    """Returns (logits, features) where the features are the head's own input (an embedding service)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.head(h), h
+
+
+@pytest.mark.integration
+def test_published_rows_are_what_the_model_computed_even_if_the_caller_changes_them(broker: str) -> None:
+    """The penultimate matrix is held by reference until sent: a model that returns it is copied first."""
+    settings = _settings(broker)
+    net = Embedder().eval()
+    x = torch.randn(5, 6)
+    with torch.inference_mode():
+        logits, features = net(x)
+    with Monitor(net, "embed", bootstrap=broker, settings=settings, actions=False, layer_dtype="float32",
+                 output_fn=None) as monitor:
+        with torch.inference_mode():
+            out, feats = monitor(x)
+            out.zero_()  # the caller reuses what it got back, in place
+            feats.mul_(-1.0)
+        assert monitor.flush(timeout=30)
+    (record,) = consume_all(broker, settings.topic("predictions"), lambda rs: len(rs) >= 1)
+    batch = decode_batch(record.value)
+    np.testing.assert_allclose(batch.outputs, logits.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(batch.layers["penultimate"], features.numpy(), rtol=1e-6)
+
+
 @pytest.mark.integration
 def test_reference_from_a_dataloader_and_observe_without_a_model(broker: str) -> None:
     settings = _settings(broker)
