@@ -18,6 +18,11 @@ REFERENCE_ROWS = (
     "WHERE model_id = {model_id} AND model_version = {model_version} AND has({ids}, event_id) "
     "GROUP BY event_id, layer"
 )
+# `layerwatch classifier fit`: the versions of a model that have a reference, the latest first
+REFERENCE_VERSIONS = (
+    "SELECT model_version, uniqExact(event_id) AS events, max(ts_ms) AS last_ms FROM reference_embeddings "
+    "WHERE model_id = {model_id} GROUP BY model_version ORDER BY last_ms DESC, model_version"
+)
 STORED_WINDOW_IDS = "SELECT DISTINCT window_id FROM drift_windows WHERE window_id IN {ids}"
 OPEN_ALERTS = (
     "SELECT alert_id, ts_ms, model_id, kind, severity, window_id, event_ids, client_id, message "
