@@ -142,14 +142,16 @@ ORDER BY ts_ms, alert_id, state
 LIMIT {limit}
 """
 
+# score_kind: which score labelled the event (supervised detector of that model version,
+# unsupervised score of the model's own reference, or the output-only forest: 'classifier')
 LABEL_MIX_SQL = """
-SELECT intDiv(ts_ms, {bucket_ms}) * {bucket_ms} AS bucket_start_ms, attack_type,
+SELECT intDiv(ts_ms, {bucket_ms}) * {bucket_ms} AS bucket_start_ms, score_kind, attack_type,
        uniqExact(event_id) AS events
 FROM attack_labels
 WHERE ts >= toDateTime({since_s}) AND ts_ms >= {since_ms}
   AND ({model_id} = '' OR model_id = {model_id})
-GROUP BY bucket_start_ms, attack_type
-ORDER BY bucket_start_ms, attack_type
+GROUP BY bucket_start_ms, score_kind, attack_type
+ORDER BY bucket_start_ms, score_kind, attack_type
 LIMIT {limit}
 """
 
