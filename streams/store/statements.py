@@ -39,8 +39,8 @@ DEMO_RECENT_WINDOWS = (
     "WHERE layer = 'penultimate' AND window_end_ms >= {since} ORDER BY window_end_ms DESC, model_id LIMIT 8"
 )
 DEMO_LABEL_MIX = (
-    "SELECT model_id, attack_type, count() AS n, any(target_model) FROM attack_labels FINAL "
-    "WHERE ts_ms >= {since} GROUP BY model_id, attack_type ORDER BY model_id, n DESC"
+    "SELECT model_id, score_kind, attack_type, count() AS n, any(target_model) FROM attack_labels FINAL "
+    "WHERE ts_ms >= {since} GROUP BY model_id, score_kind, attack_type ORDER BY model_id, score_kind, n DESC"
 )
 DEMO_OPEN_ALERTS = (
     "SELECT kind, model_id, client_id, min(ts_ms) FROM alerts FINAL WHERE ts_ms >= {since} "
