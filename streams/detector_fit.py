@@ -5,8 +5,9 @@ clean reference; a supervised detector (adversarial probability, family, attack 
 needs adversarial examples, which only the torch model itself can produce. A CLI has
 no model in hand, so the user names it:
 
-- ``--model-factory package.module:callable`` — user code, imported and called with no
-  arguments, returning a ``torch.nn.Module`` (logits out);
+- ``--model-factory package.module:callable`` — user code (on ``PYTHONPATH`` or in the
+  current directory), imported and called with no arguments, returning a
+  ``torch.nn.Module`` (logits out);
 - ``--weights FILE.pt`` (optional) — a state dict read with ``torch.load(weights_only=True)``
   (tensors only: nothing is unpickled);
 - ``--inputs FILE.npz`` — clean inputs to attack (``x``, optional labels ``y``), read with
@@ -25,7 +26,9 @@ applies it to that version only, within its 60 s re-read.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +73,7 @@ class FitResult:
     reference_flagged: float  # share of the clean inputs the stored reference's own score flags
     oof_clean_fpr: float
     oof_adversarial_tpr: float
-    replaced: str | None  # the version of the detector this file held before, if any
+    replaced: bool  # the file held a detector of the same model version before
     seconds: float
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +82,8 @@ def load_model(factory: str, weights: str | None = None) -> Any:
     """The ``nn.Module`` the factory builds, in eval mode, with ``weights`` (a state dict) loaded when given."""
     import torch
 
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the console script: your module in this directory too
+        sys.path.append(os.getcwd())
     try:
         build = load(factory, {}, "--model-factory")
     except PluginError as exc:
@@ -157,8 +162,13 @@ def stored_reference(store: Any, model_id: str, model_version: str | None, limit
     return StoredReference(model_version, layers, predicted)
 
 
-def detector_file(directory: Path, model_id: str) -> tuple[Path, str | None]:
-    """The file for ``model_id``'s detector (the one already recording it, else a safe name) and its old version."""
+def detector_file(directory: Path, model_id: str, model_version: str) -> tuple[Path, bool]:
+    """The file for the detector of ``model_id`` at ``model_version``, and whether it replaces one.
+
+    The file already recording that model id and version (e.g. a demo model's), else
+    ``<id>@<version>.skops`` (other characters replaced, plus a hash when any were).
+    Detectors of the model's other versions stay: each applies to its own version.
+    """
     import json
 
     for sidecar in sorted(directory.glob("*.json")) if directory.is_dir() else ():
@@ -166,12 +176,14 @@ def detector_file(directory: Path, model_id: str) -> tuple[Path, str | None]:
             meta = json.loads(sidecar.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(meta, dict) and meta.get("model_id") == model_id and sidecar.with_suffix(".skops").exists():
-            return sidecar.with_suffix(".skops"), str(meta.get("model_version"))
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", model_id).lstrip(".") or "model"
-    if stem != model_id:
-        stem += "-" + hashlib.sha256(model_id.encode()).hexdigest()[:8]
-    return directory / f"{stem}.skops", None
+        if (isinstance(meta, dict) and meta.get("model_id") == model_id
+                and str(meta.get("model_version")) == model_version and sidecar.with_suffix(".skops").exists()):
+            return sidecar.with_suffix(".skops"), True
+    name = f"{model_id}@{model_version}"
+    stem = re.sub(r"[^A-Za-z0-9@._-]", "_", name).lstrip(".") or "model"
+    if stem != name:
+        stem += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return directory / f"{stem}.skops", False
 
 
 def fit_model_detector(settings: Any, store: Any, *, model_id: str, model_version: str | None, factory: str,
@@ -240,7 +252,7 @@ def fit_model_detector(settings: Any, store: Any, *, model_id: str, model_versio
     det.meta.update(source="layerwatch classifier fit", model_factory=factory,
                     weights_sha256=_sha256(weights) if weights else "", inputs_sha256=_sha256(inputs),
                     reference_rows=ref.n, reference_flagged=flagged, clip_values=[lo, hi])
-    path, replaced = detector_file(detectors_dir(settings.state_path), model_id)
+    path, replaced = detector_file(detectors_dir(settings.state_path), model_id, ref.model_version)
     det.save(path)
     return FitResult(path, model_id, ref.model_version, det.layers, attacks, len(x), ref.n, flagged,
                      float(det.meta["oof_clean_fpr"]), float(det.meta["oof_adversarial_tpr"]), replaced,

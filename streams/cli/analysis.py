@@ -79,9 +79,9 @@ def _fit(args: argparse.Namespace, settings: Settings) -> int:
           f"attacks ({', '.join(r.attacks)}), layers {', '.join(r.layers)}; out-of-fold clean FPR "
           f"{r.oof_clean_fpr:.3f}, adversarial flagged {r.oof_adversarial_tpr:.3f}; the stored reference "
           f"({r.reference_rows} events) flags {r.reference_flagged:.1%} of the clean inputs; {r.seconds:.1f} s")
-    was = f" (replaces the detector of version {r.replaced})" if r.replaced and r.replaced != r.model_version else ""
+    was = " (replacing the one fitted before)" if r.replaced else ""
     print(f"saved {r.path}{was}: the worker labels {r.model_id}@{r.model_version} with it within a minute; "
-          "other models and versions keep their reference-only score")
+          "other models and versions keep their own detectors or reference-only score")
     return 0
 
 

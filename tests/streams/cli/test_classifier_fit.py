@@ -74,7 +74,7 @@ def env(trained, chdb_url, tmp_path, monkeypatch):
     monkeypatch.setenv("LW_CLICKHOUSE_URL", chdb_url)
     monkeypatch.setenv("LW_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("LW_WEB_PORT", str(free_port()))  # no worker answers: the CLI opens the store itself
-    return {"weights": str(weights), "inputs": str(inputs), "state": tmp_path / "state"}
+    return {"weights": str(weights), "inputs": str(inputs), "state": tmp_path / "state", "url": chdb_url}
 
 
 def _fit(env, *extra: str) -> int:
@@ -113,6 +113,23 @@ def test_fit_saves_a_detector_that_applies_to_that_model_version_only(env, train
     assert bank.detector_for("other", "1", {"penultimate": np.zeros((1, 32))}) is None
     labels = bank.label("tiny", "2", adv_t.outputs, {"penultimate": adv_t.layers["penultimate"], "1": adv_t.layers["1"]})
     assert labels.kind == "supervised" and (labels.p_adversarial >= 0.5).mean() > 0.5
+
+    # version 3 gets its reference and its own detector; version 2 keeps its own
+    store = open_store(env["url"])
+    try:
+        ref = _tap(net, split.x_val)
+        _publish_reference(store, "tiny", "3", ref.outputs, ref.layers)
+    finally:
+        store.close()
+    assert _fit(env, "--model-version", "3") == 0
+    files = sorted(p.name for p in path.parent.glob("*.skops"))
+    assert files == ["tiny@2.skops", "tiny@3.skops"]
+    bank = DetectorBank.from_dir(path.parent)
+    assert bank.detector_for("tiny", "2", layers).version == det.version
+    assert bank.detector_for("tiny", "3", layers).meta["model_version"] == "3"
+    assert bank.detector_for("tiny", "4", layers) is None and bank.detector_for("other", "1", layers) is None
+    assert _fit(env, "--model-version", "3") == 0 and "replacing" in capsys.readouterr().out
+    assert sorted(p.name for p in path.parent.glob("*.skops")) == files
 
 
 @pytest.mark.parametrize("args, needle", [
