@@ -136,8 +136,8 @@ def _live_view(state: DemoState) -> Group:
         style = "bold red" if rate >= 0.5 else ""
         windows.add_row(model, time.strftime("%H:%M:%S", time.gmtime(end_ms / 1000)), str(n), f"{rate:.2f}", f"{p:.3f}",
                         style=style)
-    labels = Table(title="classifier labels (last 10 s)")
-    for column in ("model", "attack type", "events", "target model"):
+    labels = Table(title="per-event labels (last 10 s)")
+    for column in ("model", "score", "attack type", "events", "target model"):
         labels.add_column(column)
     for row in state.labels:
         labels.add_row(*(str(v) for v in row))

@@ -1,4 +1,4 @@
-"""Offline subcommands: classifier (train, eval), report (PNGs from the store), study (layer table)."""
+"""Offline subcommands: classifier (train, eval, fit), report (PNGs from the store), study (layer table)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,28 @@ def _classifier(sub: Any) -> None:
                                   "the per-event detector beside the output-only baseline")
     evaluate.add_argument("--json", help="write the figures as JSON")
     evaluate.add_argument("--png", help="confusion matrix PNG (default: <state_dir>/classifier/confusion.png)")
+    fit = actions.add_parser("fit", help="fit the supervised per-event detector of your model version from its stored "
+                             "reference and attacks crafted against the torch model")
+    fit.add_argument("--model-id", required=True, help="the model id its events carry")
+    fit.add_argument("--model-version", help="the version (default: the one whose reference arrived last)")
+    fit.add_argument("--model-factory", required=True, metavar="PACKAGE.MODULE:CALLABLE",
+                     help="your code: called with no arguments, returns the torch.nn.Module (logits out)")
+    fit.add_argument("--weights", metavar="FILE.pt", help="a state dict, read with torch.load(weights_only=True)")
+    fit.add_argument("--inputs", required=True, metavar="FILE.npz",
+                     help="clean inputs to attack: x (n, *input_shape) and optional labels y (n,); no pickles")
+    fit.add_argument("--attacks", help="comma list of attack presets (default: fgsm,pgd,fgm,pgd_l2,deepfool,square)")
+    fit.add_argument("--clip", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                     help="the input range attacks stay in (default: [min(x, 0), max(x, 1)])")
+    fit.add_argument("--limit", type=positive(int), default=1000, help="at most this many inputs (seeded sample)")
+    fit.add_argument("--target-fpr", type=positive(float), default=0.02, help="clean false-positive rate at 0.5")
+    fit.add_argument("--seed", type=int, default=0, help="random seed")
+    fit.add_argument("--force", action="store_true", help="fit even when the model disagrees with its reference")
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from workers.classifier import evaluation, fitting, training
 
+        if args.action == "fit":
+            return _fit(args, settings)
         if args.action == "train":
             kwargs = {"model_kind": args.kind} if args.kind else {}
             training.train(settings.state_dir, seed=args.seed, progress=True, **kwargs)
@@ -37,6 +55,34 @@ def _classifier(sub: Any) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _fit(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.detector_fit import FitError, fit_model_detector
+    from streams.query import open_reader
+
+    if not 0 < args.target_fpr < 0.5:
+        raise UsageError(f"layerwatch classifier fit: --target-fpr {args.target_fpr} must lie in (0, 0.5)")
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
+    store = open_reader(settings)
+    try:
+        result = fit_model_detector(settings, store, model_id=args.model_id, model_version=args.model_version,
+                                    factory=args.model_factory, weights=args.weights, inputs=args.inputs,
+                                    attacks=attacks, clip=tuple(args.clip) if args.clip else None, limit=args.limit,
+                                    target_fpr=args.target_fpr, seed=args.seed, force=args.force)
+    except FitError as exc:
+        raise UsageError(f"layerwatch classifier fit: {exc}") from None
+    finally:
+        store.close()
+    r = result
+    print(f"supervised detector for {r.model_id}@{r.model_version}: {r.n_inputs} clean inputs x {len(r.attacks)} "
+          f"attacks ({', '.join(r.attacks)}), layers {', '.join(r.layers)}; out-of-fold clean FPR "
+          f"{r.oof_clean_fpr:.3f}, adversarial flagged {r.oof_adversarial_tpr:.3f}; the stored reference "
+          f"({r.reference_rows} events) flags {r.reference_flagged:.1%} of the clean inputs; {r.seconds:.1f} s")
+    was = " (replacing the one fitted before)" if r.replaced else ""
+    print(f"saved {r.path}{was}: the worker labels {r.model_id}@{r.model_version} with it within a minute; "
+          "other models and versions keep their own detectors or reference-only score")
+    return 0
 
 
 @command

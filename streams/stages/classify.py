@@ -8,7 +8,8 @@ decoding; one record per micro-batch goes to ``lw.labels`` keyed by model id.
 Which score an event gets (``workers.classifier.bank.DetectorBank``, issue 19):
 
 - ``supervised`` — a detector fitted for this model id *and version*
-  (``<state_dir>/classifier/detectors/*.skops``, written by ``layerwatch classifier train``),
+  (``<state_dir>/classifier/detectors/*.skops``, written by ``layerwatch classifier train``
+  for the demo models and ``layerwatch classifier fit`` for yours; one file per version),
   when the batch carries the layers it was fitted on;
 - ``unsupervised`` — otherwise a detector fitted on the model version's own clean
   reference (``reference_embeddings``: layers and top-1 class), refitted when new
@@ -125,16 +126,18 @@ class ClassifyStage:
             return
         from workers.classifier.detector import Detector
 
-        loaded = {}
+        loaded = []
         for f in files:
             try:
                 det = await asyncio.get_running_loop().run_in_executor(self.executor, Detector.load, f)
             except Exception as exc:  # noqa: BLE001 - refused or unreadable: skip it, say why once per file version
                 self._warn_once(f"bad:{f}:{f.stat().st_mtime}", "cannot load the detector %s: %s", f, exc)
                 continue
-            loaded[str(det.meta.get("model_id") or f.stem)] = det
-        self.bank.supervised, self._stamp = loaded, stamp
-        log.info("per-event detectors for %s loaded from %s", ", ".join(loaded) or "no model", self.path)
+            loaded.append((f.stem, det))
+        self.bank.set_supervised(loaded)
+        self._stamp = stamp
+        names = [f"{d.meta.get('model_id') or stem}@{d.meta.get('model_version') or '*'}" for stem, d in loaded]
+        log.info("per-event detectors for %s loaded from %s", ", ".join(names) or "no model", self.path)
 
     async def _reference(self, key: tuple[str, str], n_classes: int) -> None:
         """Fit the unsupervised detector of a model version from its stored reference (when due)."""

@@ -18,6 +18,11 @@ REFERENCE_ROWS = (
     "WHERE model_id = {model_id} AND model_version = {model_version} AND has({ids}, event_id) "
     "GROUP BY event_id, layer"
 )
+# `layerwatch classifier fit`: the versions of a model that have a reference, the latest first
+REFERENCE_VERSIONS = (
+    "SELECT model_version, uniqExact(event_id) AS events, max(ts_ms) AS last_ms FROM reference_embeddings "
+    "WHERE model_id = {model_id} GROUP BY model_version ORDER BY last_ms DESC, model_version"
+)
 STORED_WINDOW_IDS = "SELECT DISTINCT window_id FROM drift_windows WHERE window_id IN {ids}"
 OPEN_ALERTS = (
     "SELECT alert_id, ts_ms, model_id, kind, severity, window_id, event_ids, client_id, message "
@@ -34,8 +39,8 @@ DEMO_RECENT_WINDOWS = (
     "WHERE layer = 'penultimate' AND window_end_ms >= {since} ORDER BY window_end_ms DESC, model_id LIMIT 8"
 )
 DEMO_LABEL_MIX = (
-    "SELECT model_id, attack_type, count() AS n, any(target_model) FROM attack_labels FINAL "
-    "WHERE ts_ms >= {since} GROUP BY model_id, attack_type ORDER BY model_id, n DESC"
+    "SELECT model_id, score_kind, attack_type, count() AS n, any(target_model) FROM attack_labels FINAL "
+    "WHERE ts_ms >= {since} GROUP BY model_id, score_kind, attack_type ORDER BY model_id, score_kind, n DESC"
 )
 DEMO_OPEN_ALERTS = (
     "SELECT kind, model_id, client_id, min(ts_ms) FROM alerts FINAL WHERE ts_ms >= {since} "
@@ -137,14 +142,16 @@ ORDER BY ts_ms, alert_id, state
 LIMIT {limit}
 """
 
+# score_kind: which score labelled the event (supervised detector of that model version,
+# unsupervised score of the model's own reference, or the output-only forest: 'classifier')
 LABEL_MIX_SQL = """
-SELECT intDiv(ts_ms, {bucket_ms}) * {bucket_ms} AS bucket_start_ms, attack_type,
+SELECT intDiv(ts_ms, {bucket_ms}) * {bucket_ms} AS bucket_start_ms, score_kind, attack_type,
        uniqExact(event_id) AS events
 FROM attack_labels
 WHERE ts >= toDateTime({since_s}) AND ts_ms >= {since_ms}
   AND ({model_id} = '' OR model_id = {model_id})
-GROUP BY bucket_start_ms, attack_type
-ORDER BY bucket_start_ms, attack_type
+GROUP BY bucket_start_ms, score_kind, attack_type
+ORDER BY bucket_start_ms, score_kind, attack_type
 LIMIT {limit}
 """
 

@@ -230,24 +230,43 @@ def drift_series(rows: Iterable[Mapping[str, Any]], max_points: int = MAX_SERIES
     return series
 
 
+#: the order score kinds are listed in: the per-event detector's two kinds, then the output-only forest
+SCORE_KINDS = ("supervised", "unsupervised", "classifier")
+
+
 def label_mix(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """(bucket_start_ms, attack_type, events) rows → aligned columns for a stacked chart.
+    """(bucket_start_ms, score_kind, attack_type, events) rows → aligned columns for a stacked chart, split by score kind.
 
     ``buckets`` are the bucket starts in time order; ``series`` holds one list of counts
-    per attack type (0 where a type has no events), 'clean' first, then by total events.
+    per (score kind, attack type) (0 where it has no events): supervised first, then
+    unsupervised, then the forest's ('classifier', also rows without a kind), each with
+    'clean' first, then by total events. ``kinds`` totals each score kind: its events
+    and how many were flagged (attack type other than 'clean').
     """
-    counts: dict[str, dict[int, int]] = {}
+    counts: dict[tuple[str, str], dict[int, int]] = {}
     buckets: set[int] = set()
     for r in rows:
         b = int(r["bucket_start_ms"])
         buckets.add(b)
-        kind = str(r["attack_type"]) or "unknown"
-        counts.setdefault(kind, {})[b] = counts.get(kind, {}).get(b, 0) + int(r["events"])
+        key = (str(r.get("score_kind") or "classifier"), str(r["attack_type"]) or "unknown")
+        counts.setdefault(key, {})[b] = counts.get(key, {}).get(b, 0) + int(r["events"])
     ordered = sorted(buckets)
-    kinds = sorted(counts, key=lambda k: (k != "clean", -sum(counts[k].values()), k))
+
+    def rank(kind: str) -> tuple[int, str]:
+        return (SCORE_KINDS.index(kind) if kind in SCORE_KINDS else len(SCORE_KINDS), kind)
+
+    keys = sorted(counts, key=lambda k: (rank(k[0]), k[1] != "clean", -sum(counts[k].values()), k[1]))
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind, attack_type in keys:
+        total = kinds.setdefault(kind, {"score_kind": kind, "events": 0, "flagged": 0})
+        n = sum(counts[(kind, attack_type)].values())
+        total["events"] += n
+        total["flagged"] += n if attack_type != "clean" else 0
     return {
         "buckets": ordered,
-        "series": [{"attack_type": k, "events": [counts[k].get(b, 0) for b in ordered]} for k in kinds],
+        "series": [{"score_kind": kind, "attack_type": attack_type,
+                    "events": [counts[(kind, attack_type)].get(b, 0) for b in ordered]} for kind, attack_type in keys],
+        "kinds": list(kinds.values()),
     }
 
 
@@ -377,7 +396,7 @@ async def drift_payload(query: QueryFn, *, minutes: int, now: int, threshold: fl
 
 
 async def labels_payload(query: QueryFn, *, minutes: int, now: int, model_id: str = "") -> dict[str, Any]:
-    """Events per attack type per time bucket (the classifier's label mix)."""
+    """Events per score kind and attack type per time bucket (the per-event label mix)."""
     since = now - minutes * 60_000
     bucket = bucket_ms_for(minutes)
     names, rows = await query(LABEL_MIX_SQL, {**time_bounds(since - since % bucket), "bucket_ms": bucket,

@@ -67,6 +67,9 @@ class Scenario:
     def n_events(self) -> int:
         return sum(b.n for b in self.batches)
 
+    def n_events_of(self, model_id: str) -> int:
+        return sum(b.n for b in self.batches if b.model_id == model_id)
+
 
 def digit_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """n of scikit-learn's bundled 8x8 digits (no download) as (n, 64) floats in [0, 1], and their labels."""
@@ -118,12 +121,16 @@ def build_scenario(now_ms: int, seed: int = 0, long_run: bool = False) -> Scenar
                                     for r, i in enumerate(order)],
                 })
             predicted_type = [a if a and rng.random() < 0.85 else ("clean" if not a else "pgd") for a in attack]
+            # digits-cnn has a supervised detector; digits-mlp only its own reference's score (flags, no family)
+            kind = "supervised" if model_id == "digits-cnn" else "unsupervised"
+            if kind == "unsupervised":
+                predicted_type = ["clean" if t == "clean" else "unknown" for t in predicted_type]
             sc.labels.append(LabelBatch(
                 model_id=model_id, model_version="1", classifier_version="rf-1", event_ids=ids, ts_ms=np.asarray(ts),
                 p_adversarial=np.array([0.9 if t != "clean" else 0.05 for t in predicted_type], np.float32),
                 attack_type=np.array(predicted_type), attack_prob=np.full(EVENTS_PER_STEP, 0.8, np.float32),
                 target_model=np.array([model_id if t != "clean" else "" for t in predicted_type]),
-                target_prob=np.full(EVENTS_PER_STEP, 0.7, np.float32),
+                target_prob=np.full(EVENTS_PER_STEP, 0.7, np.float32), score_kind=kind,
             ))
 
     def alert(alert_id: str, ts: int, model_id: str, kind: str, state: str, severity: str, message: str, **extra: Any) -> None:
@@ -454,6 +461,8 @@ def test_dashboard_shows_live_drift_alerts_and_events(broker: str, tmp_path: Pat
         assert dom.waiting == {"fresh-model": "awaiting_reference"}  # still said, beside the charts
         labels = next(c for c in dom.charts if c["data-chart"] == "labels")
         assert int(labels["data-points"]) > 0 and "clean" in labels["data-types"] and "fgsm" in labels["data-types"]
+        drawn_kinds = {k.split(":")[0]: int(k.split(":")[1]) for k in labels["data-kinds"].split(",")}
+        assert drawn_kinds == {"supervised": sc.n_events_of("digits-cnn"), "unsupervised": sc.n_events_of("digits-mlp")}
         rows = {r["data-alert-id"]: r["data-state"] for r in dom.alert_rows}
         assert rows == {"shift-cnn": "resolved", "labels-cnn": "resolved", "shift-mlp": "open", "probe-7": "open"}
         assert dom.window_panel.get("data-window") == sc.attacked_window
@@ -525,6 +534,17 @@ def test_dashboard_queries_on_both_engines(store_url: str) -> None:
         assert labels["series"][0]["attack_type"] == "clean"
         assert sum(sum(s["events"]) for s in labels["series"]) == sc.n_events
         assert all(len(s["events"]) == len(labels["buckets"]) for s in labels["series"])
+        # split by score kind: the supervised detector's families for digits-cnn, the reference score's flags for mlp
+        flagged = {kind: sum(int((lb.p_adversarial >= 0.5).sum()) for lb in sc.labels if lb.score_kind == kind)
+                   for kind in ("supervised", "unsupervised")}
+        assert labels["kinds"] == [
+            {"score_kind": "supervised", "events": sc.n_events_of("digits-cnn"), "flagged": flagged["supervised"]},
+            {"score_kind": "unsupervised", "events": sc.n_events_of("digits-mlp"), "flagged": flagged["unsupervised"]}]
+        series = {(s["score_kind"], s["attack_type"]) for s in labels["series"]}
+        assert {t for k, t in series if k == "unsupervised"} == {"clean", "unknown"}
+        assert {t for k, t in series if k == "supervised"} == {"clean", *ATTACKS}
+        only_mlp = run(P.labels_payload(query, minutes=15, now=now, model_id="digits-mlp"))
+        assert [k["score_kind"] for k in only_mlp["kinds"]] == ["unsupervised"]
 
         alerts = run(P.alerts_payload(query, minutes=15, now=now))
         assert [a["alert_id"] for a in alerts["alerts"][:2]] == ["probe-7", "shift-mlp"]  # open, newest first

@@ -12,7 +12,7 @@ it references from the store and batches from Kafka.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +30,34 @@ Key = tuple[str, str]
 
 
 class DetectorBank:
-    """Supervised detectors by model id, unsupervised ones by (model id, version) fitted from references."""
+    """Supervised detectors by model id (one per version it was fitted for), unsupervised ones by (model id, version)."""
 
-    def __init__(self, supervised: Mapping[str, Detector] | None = None, *,
+    def __init__(self, supervised: Mapping[str, Detector] | Iterable[tuple[str, Detector]] | None = None, *,
                  target_fpr: float = DEFAULT_TARGET_FPR, seed: int = 0):
-        self.supervised = dict(supervised or {})
+        self.supervised: dict[str, list[Detector]] = {}
+        self.set_supervised(supervised or {})
         self.unsupervised: dict[Key, Detector] = {}
         self.target_fpr = target_fpr
         self.seed = seed
 
+    def set_supervised(self, detectors: Mapping[str, Detector] | Iterable[tuple[str, Detector]]) -> None:
+        """Replace the supervised detectors; each is filed under the model id it recorded (else its key).
+
+        Several versions of one model may each have their own; one that recorded no version
+        applies to every version, after those that name the version.
+        """
+        by_model: dict[str, list[Detector]] = {}
+        for key, det in detectors.items() if isinstance(detectors, Mapping) else detectors:
+            by_model.setdefault(str(det.meta.get("model_id") or key), []).append(det)
+        for dets in by_model.values():
+            dets.sort(key=lambda d: d.meta.get("model_version") is None)
+        self.supervised = by_model
+
     @classmethod
     def from_dir(cls, path: str | os.PathLike, **kwargs: Any) -> DetectorBank:
-        """Every ``*.skops`` detector of a directory, keyed by the model id it records (else the file stem)."""
-        dets = {}
-        for file in sorted(Path(path).glob("*.skops")) if Path(path).is_dir() else ():
-            det = Detector.load(file)
-            dets[str(det.meta.get("model_id") or file.stem)] = det
-        return cls(dets, **kwargs)
+        """Every ``*.skops`` detector of a directory, filed under the model id it records (else the file stem)."""
+        files = sorted(Path(path).glob("*.skops")) if Path(path).is_dir() else []
+        return cls([(file.stem, Detector.load(file)) for file in files], **kwargs)
 
     def set_reference(self, model_id: str, model_version: str, layers: Mapping[str, np.ndarray],
                       predicted: np.ndarray, n_classes: int) -> Detector:
@@ -62,9 +73,9 @@ class DetectorBank:
 
     def detector_for(self, model_id: str, model_version: str, layers: Mapping[str, Any] = ()) -> Detector | None:
         """The supervised detector when it applies and the batch carries its layers, else the reference one."""
-        det = self.supervised.get(model_id)
-        if det is not None and det.applies_to(model_id, model_version) and set(det.layers) <= set(layers):
-            return det
+        for det in self.supervised.get(model_id, ()):
+            if det.applies_to(model_id, model_version) and set(det.layers) <= set(layers):
+                return det
         ref = self.unsupervised.get((model_id, model_version))
         if ref is not None and set(ref.layers) <= set(layers):
             return ref

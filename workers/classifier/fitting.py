@@ -100,19 +100,22 @@ DEFAULT_FIT_ATTACKS = ("fgsm", "pgd", "fgm", "pgd_l2", "deepfool", "square")
 def fit_torch_detector(module: Any, x: np.ndarray, y: np.ndarray, *, layers: Iterable[str] = (),
                        attacks: Iterable[str] = DEFAULT_FIT_ATTACKS, model_id: str | None = None,
                        model_version: str | None = None, seed: int = 0, state_dir: str | os.PathLike | None = None,
-                       clip_values: tuple[float, float] = (0.0, 1.0), **fit_kwargs: Any) -> Detector:
+                       clip_values: tuple[float, float] = (0.0, 1.0), progress: bool = False,
+                       **fit_kwargs: Any) -> Detector:
     """Fit a supervised detector for any torch classifier from clean inputs and attacks crafted against it.
 
     ``x`` (n, *input_shape) in ``clip_values`` and ``y`` true labels: clean data the model
     did not train on (e.g. its validation split). ``layers``: module names tapped besides
     the penultimate layer — publish the same ones from the inference server. Attacks are
     the :data:`workers.attacks.PRESETS` named in ``attacks`` (cached under ``state_dir``
-    when given); every version of one input stays in one cross-fitting fold.
+    when given); every version of one input stays in one cross-fitting fold. ``progress``
+    shows a rich bar over the attacks (the slow part).
     """
     import torch
 
     from workers.attacks import generate
     from workers.inference.tap import LayerTap
+    from workers.progress import progress_bar
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
@@ -125,17 +128,23 @@ def fit_torch_detector(module: Any, x: np.ndarray, y: np.ndarray, *, layers: Ite
             return result.outputs, result.layers
 
         clean_out, clean_layers = tapped(x)
-        for attack in attacks:
-            adv = generate(module, x, y, attack, seed=seed, state_dir=state_dir, model_name=model_id,
-                           clip_values=clip_values).x_adv
-            out, got = tapped(adv)
-            parts["outputs"].append(out)
-            parts["embeddings"].append(got[PENULTIMATE])
-            parts["attack"].append(np.full(len(x), attack))
-            parts["groups"].append(groups)
-            for name, values in got.items():
-                if name != PENULTIMATE:
-                    extra.setdefault(name, []).append(values)
+        attacks = list(attacks)
+        name = model_id or type(module).__name__
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"attacks on {name}", total=len(attacks))
+            for attack in attacks:
+                bar.update(task, description=f"attack {attack} on {name} ({len(x)} inputs)")
+                adv = generate(module, x, y, attack, seed=seed, state_dir=state_dir, model_name=model_id,
+                               clip_values=clip_values).x_adv
+                bar.advance(task)
+                out, got = tapped(adv)
+                parts["outputs"].append(out)
+                parts["embeddings"].append(got[PENULTIMATE])
+                parts["attack"].append(np.full(len(x), attack))
+                parts["groups"].append(groups)
+                for layer, values in got.items():
+                    if layer != PENULTIMATE:
+                        extra.setdefault(layer, []).append(values)
     clean = {"outputs": clean_out, "embeddings": clean_layers[PENULTIMATE], "groups": groups,
              "layers": {k: v for k, v in clean_layers.items() if k != PENULTIMATE}}
     adversarial = {k: np.concatenate(v) for k, v in parts.items()}

@@ -374,22 +374,41 @@
     return state.labelColors[kind];
   }
 
+  // Which score labelled the events: the supervised detector fitted for that model version,
+  // the unsupervised score of the model's own reference (flags without a family: "unknown"),
+  // or the output-only forest of older rows ("classifier").
+  const SCORE_KIND_TITLES = { supervised: "supervised", unsupervised: "unsupervised (own reference)", classifier: "forest (output only)" };
+
+  function labelName(s) {
+    return s.score_kind === "unsupervised" && s.attack_type === "unknown" ? "flagged" : s.attack_type;
+  }
+
   async function renderLabels(payload) {
     const div = document.getElementById("labels-chart");
     document.getElementById("labels-empty").hidden = payload.buckets.length > 0;
     div.hidden = payload.buckets.length === 0;
+    const kinds = (payload.kinds || []).map((k) =>
+      `${SCORE_KIND_TITLES[k.score_kind] || k.score_kind}: ${k.events} events, ${k.flagged} flagged`).join(" · ");
     document.getElementById("labels-hint").textContent =
-      `events per attack type assigned by the attack classifier, per ${duration(payload.bucket_ms)}`;
+      `events per attack type, split by the score that labelled them, per ${duration(payload.bucket_ms)}` +
+      (kinds ? ` — ${kinds}` : "");
     const x = payload.buckets.map((b) => plotTime(b + payload.bucket_ms / 2));
-    const traces = payload.series.map((s) => ({
-      name: s.attack_type, x, y: s.events, type: "bar", marker: { color: labelColor(s.attack_type) },
-      hovertemplate: `%{x|%H:%M:%S} · ${s.attack_type}: <b>%{y}</b><extra></extra>`,
-    }));
+    const traces = payload.series.map((s) => {
+      const name = labelName(s);
+      const title = SCORE_KIND_TITLES[s.score_kind] || s.score_kind;
+      return {
+        name, x, y: s.events, type: "bar", legendgroup: s.score_kind, legendgrouptitle: { text: title },
+        offsetgroup: s.score_kind, alignmentgroup: "labels",
+        marker: { color: labelColor(s.attack_type === "unknown" ? "flagged" : s.attack_type),
+                  pattern: { shape: s.score_kind === "supervised" ? "" : "/", fillmode: "overlay", size: 6 } },
+        hovertemplate: `%{x|%H:%M:%S} · ${title} · ${name}: <b>%{y}</b><extra></extra>`,
+      };
+    });
     const layout = {
-      height: 270, margin: { l: 48, r: 16, t: 8, b: 40 }, barmode: "stack", bargap: 0.12, hovermode: "closest",
+      height: 290, margin: { l: 48, r: 16, t: 8, b: 40 }, barmode: "stack", bargap: 0.12, hovermode: "closest",
       paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
       font: { family: "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size: 11, color: COLORS.muted },
-      legend: { orientation: "h", x: 0, y: 1.12 },
+      legend: { orientation: "h", x: 0, y: 1.18, groupclick: "toggleitem" },
       xaxis: { type: "date", range: [plotTime(payload.since_ms), plotTime(payload.now_ms)], gridcolor: COLORS.grid,
                title: { text: tzLabel(), font: { size: 10 }, standoff: 4 } },
       yaxis: { title: { text: "events" }, gridcolor: COLORS.grid, rangemode: "tozero" },
@@ -397,7 +416,8 @@
     };
     await Plotly.react(div, traces, layout, { displaylogo: false, displayModeBar: false, responsive: true });
     div.dataset.points = String(payload.buckets.length);
-    div.dataset.types = payload.series.map((s) => s.attack_type).join(",");
+    div.dataset.types = [...new Set(payload.series.map((s) => s.attack_type))].join(",");
+    div.dataset.kinds = (payload.kinds || []).map((k) => `${k.score_kind}:${k.events}:${k.flagged}`).join(",");
   }
 
   // ------------------------------------------------------------------ window events

@@ -90,24 +90,32 @@ def test_drift_series_groups_orders_and_drops_nan() -> None:
     assert set(combined) >= {"window_start_ms", "mmd2", "n_window", "model_version"}
 
 
-def test_label_mix_aligns_types_on_buckets() -> None:
+def test_label_mix_aligns_types_on_buckets_split_by_score_kind() -> None:
     rows = [
-        {"bucket_start_ms": 10_000, "attack_type": "fgsm", "events": 3},
-        {"bucket_start_ms": 0, "attack_type": "clean", "events": 5},
-        {"bucket_start_ms": 10_000, "attack_type": "clean", "events": 1},
-        {"bucket_start_ms": 20_000, "attack_type": "pgd", "events": 9},
-        {"bucket_start_ms": 20_000, "attack_type": "", "events": 2},
+        {"bucket_start_ms": 10_000, "score_kind": "supervised", "attack_type": "fgsm", "events": 3},
+        {"bucket_start_ms": 0, "score_kind": "supervised", "attack_type": "clean", "events": 5},
+        {"bucket_start_ms": 10_000, "score_kind": "supervised", "attack_type": "clean", "events": 1},
+        {"bucket_start_ms": 20_000, "score_kind": "supervised", "attack_type": "pgd", "events": 9},
+        {"bucket_start_ms": 20_000, "score_kind": "supervised", "attack_type": "", "events": 2},
+        {"bucket_start_ms": 10_000, "score_kind": "unsupervised", "attack_type": "unknown", "events": 4},
+        {"bucket_start_ms": 0, "score_kind": "unsupervised", "attack_type": "clean", "events": 7},
+        {"bucket_start_ms": 0, "attack_type": "pgd", "events": 1},  # a row of the output-only forest (no kind)
     ]
     mix = P.label_mix(rows)
     assert mix["buckets"] == [0, 10_000, 20_000]
     assert mix["series"] == [
-        {"attack_type": "clean", "events": [5, 1, 0]},
-        {"attack_type": "pgd", "events": [0, 0, 9]},
-        {"attack_type": "fgsm", "events": [0, 3, 0]},
-        {"attack_type": "unknown", "events": [0, 0, 2]},
+        {"score_kind": "supervised", "attack_type": "clean", "events": [5, 1, 0]},
+        {"score_kind": "supervised", "attack_type": "pgd", "events": [0, 0, 9]},
+        {"score_kind": "supervised", "attack_type": "fgsm", "events": [0, 3, 0]},
+        {"score_kind": "supervised", "attack_type": "unknown", "events": [0, 0, 2]},
+        {"score_kind": "unsupervised", "attack_type": "clean", "events": [7, 0, 0]},
+        {"score_kind": "unsupervised", "attack_type": "unknown", "events": [0, 4, 0]},
+        {"score_kind": "classifier", "attack_type": "pgd", "events": [1, 0, 0]},
     ]
-    assert P.label_mix([]) == {"buckets": [], "series": []}
-
+    assert mix["kinds"] == [{"score_kind": "supervised", "events": 20, "flagged": 14},
+                            {"score_kind": "unsupervised", "events": 11, "flagged": 4},
+                            {"score_kind": "classifier", "events": 1, "flagged": 1}]
+    assert P.label_mix([]) == {"buckets": [], "series": [], "kinds": []}
 
 def test_window_events_merge_labels_and_images_in_score_order() -> None:
     events = [
