@@ -42,7 +42,8 @@ class _LayerModel:
     means: np.ndarray  # (C, d) class means (global mean for classes absent from the fold)
     precision: np.ndarray  # (d, d)
     classes: np.ndarray  # (C,) class labels of the rows of means
-    whiten: np.ndarray  # (d, d) W with W Wᵀ = precision: Mahalanobis distance = Euclidean after x @ W
+    whiten: np.ndarray  # (d, d) float32 W with W Wᵀ = precision: Mahalanobis distance = Euclidean after x @ W
+    whitened_means: np.ndarray  # (C, d) float32 means @ W
 
 
 def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
@@ -52,13 +53,16 @@ def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
     means = np.stack([x[y == c].mean(0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
     precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-    return _LayerModel(means=means, precision=precision, classes=classes, whiten=np.linalg.cholesky(precision))
+    whiten = np.linalg.cholesky(precision)
+    return _LayerModel(means=means, precision=precision, classes=classes, whiten=whiten.astype(np.float32),
+                       whitened_means=(means @ whiten).astype(np.float32))
 
 
 def _distance(model: _LayerModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance of each row to its class mean (the nearest mean for unknown classes)."""
-    z, mz = x @ model.whiten, model.means @ model.whiten  # one (n, d) x (d, d) product, no (n, C, d) tensor
-    d2 = np.maximum((z * z).sum(1)[:, None] - 2.0 * z @ mz.T + (mz * mz).sum(1)[None, :], 0.0)
+    # one float32 (n, d) x (d, d) product (the cost at d = 512), no (n, C, d) tensor
+    z, mz = np.asarray(x, dtype=np.float32) @ model.whiten, model.whitened_means
+    d2 = np.maximum((z * z).sum(1)[:, None] - 2.0 * z @ mz.T + (mz * mz).sum(1)[None, :], 0.0).astype(np.float64)
     pos = np.searchsorted(model.classes, y).clip(0, len(model.classes) - 1)
     known = model.classes[pos] == y
     return np.where(known, d2[np.arange(len(y)), pos], d2.min(1))
