@@ -198,7 +198,9 @@ class HiddenAttackTest:
     ``analyze`` answers, for one window: ``"count"``, the binomial test of the flagged
     events among all the window's rows, and one :class:`ClientTest` per client with at
     least ``min_client_events`` rows (count test on its own flags; MMD on its own rows
-    when ``tester`` is given).
+    when ``tester`` is given) that stands out: the count test of the *other* clients'
+    events stays above ``rest_alpha`` (when the whole model shifts, every client is flagged
+    and singling one out would page once per client for one incident).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -212,12 +214,13 @@ class HiddenAttackTest:
     """
 
     def __init__(self, reference: Mapping[str, np.ndarray], classes: np.ndarray, *, flag_rate: float = 0.02,
-                 min_client_events: int = 20, tester: Any = None, seed: int = 0) -> None:
+                 min_client_events: int = 20, tester: Any = None, rest_alpha: float = 0.001, seed: int = 0) -> None:
         self.scorer = EventScorer(reference, classes, seed=seed)
         self.threshold = self.scorer.threshold(flag_rate)
         self.rate = min(max(rate_bound(*self.scorer.flag_rate(self.threshold)), 1e-6), 0.5)
         self.min_client_events = int(min_client_events)
         self.tester = tester
+        self.rest_alpha = float(rest_alpha)
 
     def analyze(self, layers: Mapping[str, np.ndarray], classes: np.ndarray,
                 client_ids: Any = None, top_k: int = 20) -> tuple[Verdict, list[ClientTest]]:
@@ -235,4 +238,7 @@ class HiddenAttackTest:
             clients = heavy_client_tests(client_ids, self.min_client_events, tester=self.tester,
                                          layers=layers if self.tester is not None else None, flags=flags,
                                          rate=self.rate)
+            # a client stands out only while the rest of the window looks clean: when every client's
+            # events are flagged (the whole model shifted) no client is singled out
+            clients = [c for c in clients if float(count_test(k - c.flagged, n - c.n, self.rate)) > self.rest_alpha]
         return count, clients

@@ -161,6 +161,7 @@ class AlertRules:
         self.min_labelled = int(min_labelled)
         self.count_alpha = float(count_alpha)
         self.window_step_ms = int(window_step_ms)
+        self._shifted: dict[str, str] = {}  # model -> its last window over the distribution-shift threshold
         self._client_hits: dict[tuple[str, str], deque] = {}  # (model, client) -> (window id, end ms) of positives
         self._streaks: dict[tuple[str, str], _Streak] = {}
         # per-client alerts: (model, client, kind) -> (open event, last ts)
@@ -227,6 +228,8 @@ class AlertRules:
                          f"for {st.below} consecutive windows (opened {_hms(opened.ts_ms)} UTC)"),
             )
 
+        if rate >= thr:
+            self._shifted[model_id] = window_id
         return self._step(model_id, "distribution_shift", window_id, window_end_ms, rate >= thr,
                           self.consecutive, opening, closing)
 
@@ -263,8 +266,14 @@ class AlertRules:
 
     def on_count(self, model_id: str, window_id: str, window_end_ms: int, p_value: float, flagged: int,
                  n_window: int, top_event_ids: Sequence[str] = ()) -> list[AlertEvent]:
-        """Feed one window's count test (flagged events among ``n_window``); hidden_attack per model."""
+        """Feed one window's count test (flagged events among ``n_window``); hidden_attack per model.
+
+        A window whose own detection rate (fed before, by :meth:`on_drift`) is over the
+        distribution-shift threshold is not counted either way: the shift alert covers it, and
+        one incident pages once."""
         alpha, p = self.count_alpha, float(p_value)
+        if self._shifted.get(model_id) == window_id:
+            return []
 
         def opening(aid: str, st: _Streak) -> AlertEvent:
             return AlertEvent(

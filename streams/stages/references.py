@@ -41,7 +41,7 @@ def fit_hidden(layers: Mapping[str, np.ndarray], classes: np.ndarray, settings: 
         return None
     try:
         return HiddenAttackTest(layers, classes, flag_rate=settings.event_flag_rate,
-                                min_client_events=settings.client_min_events)
+                                min_client_events=settings.client_min_events, rest_alpha=settings.count_alpha)
     except (ValueError, np.linalg.LinAlgError) as exc:
         log.warning("hidden-attack tests off for this reference (%s)", exc)
         return None

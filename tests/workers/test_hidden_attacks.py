@@ -143,3 +143,17 @@ def test_docstring_examples_run():
     for module in (workers.eventscore, workers.hidden_attacks):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_no_client_is_singled_out_when_the_whole_window_shifts() -> None:
+    from workers.hidden_attacks import HiddenAttackTest
+
+    rng = np.random.default_rng(3)
+    test = HiddenAttackTest({"pen": rng.normal(size=(600, 6))}, rng.integers(0, 3, 600))
+    clients = np.array([f"c{i % 5}" for i in range(200)])
+    count, singled = test.analyze({"pen": rng.normal(size=(200, 6)) + 3.0}, np.zeros(200, int), clients)
+    assert count.p_value < 1e-12 and singled == []
+    window = rng.normal(size=(200, 6))
+    window[clients == "c2"] += 3.0  # one client of five
+    count, singled = test.analyze({"pen": window}, np.zeros(200, int), clients)
+    assert [c.client for c in singled] == ["c2"]

@@ -164,3 +164,18 @@ def test_hidden_attack_alerts_survive_a_restart_and_the_avro_round_trip() -> Non
     restored = AlertRules(consecutive=1, count_alpha=0.001)
     assert restored.restore(opened) == 1
     assert restored.on_client("cnn", "eve", _wid(1), T0 + 5_000, 1e-5, 9, 30) == []  # still open: no duplicate
+
+
+def test_a_window_the_shift_alert_covers_does_not_count_for_hidden_attack() -> None:
+    """One incident, one page: windows over the detection threshold are left to distribution_shift."""
+    rules = AlertRules(detection_threshold=0.5, consecutive=2, count_alpha=0.001)
+    events = []
+    for i in range(4):
+        events += rules.on_drift("cnn", _wid(i), T0 + i * 5_000, 0.95, [])
+        events += rules.on_count("cnn", _wid(i), T0 + i * 5_000, 1e-9, 150, 200)
+    assert [e.kind for e in events] == ["distribution_shift"]
+    # the same counts under a window test that sees nothing: the minority attack the count test is for
+    for i in range(4, 6):
+        events += rules.on_drift("cnn", _wid(i), T0 + i * 5_000, 0.1, [])
+        events += rules.on_count("cnn", _wid(i), T0 + i * 5_000, 1e-9, 20, 200)
+    assert [e.kind for e in events][-1] == "hidden_attack"
