@@ -84,6 +84,9 @@ def test_pgd_attack_is_detected_alerted_and_queryable(broker, store_url, demo_st
         assert len(opened) == 1 and len(resolved) == 1 and opened[0][0] == resolved[0][0]
         assert attack["start_ms"] <= opened[0][2] <= attack["end_ms"] + 3 * STEP_S * 1000
         assert resolved[0][2] > attack["end_ms"]
+        # the clean phases (with the prober among the clients) open no hidden_attack alert either
+        hidden = _query(url, "SELECT ts_ms, client_id FROM alerts FINAL WHERE kind = 'hidden_attack' AND state = 'open'")
+        assert not [h for h in hidden if h[0] < attack["start_ms"] or h[0] > attack["end_ms"] + WINDOW_S * 1000], hidden
         assert throttled == "throttle"
         assert report.rejected.get(429, 0) > 0
 
