@@ -45,6 +45,14 @@ def test_rules_name_only_metrics_the_worker_exports() -> None:
     assert used <= exported, f"rules read metrics no worker exports: {sorted(used - exported)}"
 
 
+def test_rules_name_layer_labels_the_worker_exports() -> None:
+    """The worker labels its combined and count rows `__combined__` and `__count__` (schemas.batch)."""
+    from schemas.batch import COMBINED, COUNT, PENULTIMATE
+
+    named = set(re.findall(r'layer!?="([^"]+)"', (PROM_DIR / "rules.yml").read_text()))
+    assert named and named <= {COMBINED, COUNT, PENULTIMATE}, named
+
+
 def test_metric_names_follow_prometheus_conventions() -> None:
     for family in Metrics().registry.collect():
         assert family.name.startswith("layerwatch_")
