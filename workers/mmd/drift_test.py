@@ -61,8 +61,9 @@ def fit(reference: Mapping[str, np.ndarray], reference_classes: np.ndarray, sett
     """The worker's factory (``LW_DRIFT_TEST=mmd``): permutations from ``settings.mmd_permutations``, the kernel
     from ``settings.mmd_kernel`` (``median``: raw features, one median bandwidth; ``ladis``: MMDTester's defaults).
 
-    The worker keeps ``median`` by default: with the LADIS kernel the end-to-end test saw a second,
-    false distribution-shift alert in about one run in four (docs/detection.md has the offline evidence for it).
+    The worker keeps ``median`` by default: with the LADIS kernel the end-to-end test opens a false
+    distribution-shift alert in the first clean windows, where the probing client's near-duplicate
+    queries form a point mass its small bandwidths detect (docs/detection.md has the offline evidence).
     """
     kernel = {} if settings.mmd_kernel == "ladis" else {"standardize": False, "bandwidth_multipliers": MEDIAN_ONLY}
     return MMDDriftTest.fit(reference, reference_classes, n_permutations=settings.mmd_permutations, **kernel)
