@@ -37,19 +37,22 @@ exception, so a partly filled store still gives the figures it can.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from schemas.batch import COMBINED, is_layer
+from streams.report_confusion import confusion_from_evaluate, confusion_from_json
+from streams.report_store import (
+    attack_spans, live_windows, reference_layer, reference_models, reference_version, report_models, window_inputs,
+    window_rates,
+)
 
 __all__ = ["COMBINED", "run_report_cli", "write_report"]
 
-_CLEAN_LABELS = ("", "clean")
 _COLORS = {"reference": "#4c72b0", "calmest window": "#55a868", "most drifted window": "#c44e52"}
 
 Echo = Callable[[str], None]
@@ -82,34 +85,6 @@ def _layer_label(layer: str) -> str:
 # ============================================================== (a) t-SNE of activations
 
 
-def _reference_models(store: Any, model: str | None) -> list[str]:
-    rows = store.query("SELECT DISTINCT model_id FROM reference_embeddings ORDER BY model_id", readonly=True)
-    found = [str(r[0]) for r in rows]
-    return [m for m in found if model is None or m == model]
-
-
-def _reference_version(store: Any, model: str, preferred: str) -> str | None:
-    rows = store.query(
-        "SELECT model_version, max(ts_ms) AS last FROM reference_embeddings WHERE model_id = {m} "
-        "GROUP BY model_version ORDER BY last DESC", {"m": model}, readonly=True)
-    versions = [str(r[0]) for r in rows]
-    if not versions:
-        return None
-    return preferred if preferred in versions else versions[0]
-
-
-def _reference_layer(store: Any, model: str, version: str, layer: str, limit: int) -> np.ndarray:
-    """Up to ``limit`` reference vectors of one layer, a deterministic sample (by event id hash)."""
-    rows = store.query(
-        "SELECT event_id, any(vector) FROM reference_embeddings "
-        "WHERE model_id = {m} AND model_version = {v} AND layer = {l} "
-        "GROUP BY event_id ORDER BY cityHash64(event_id) LIMIT {n}",
-        {"m": model, "v": version, "l": layer, "n": int(limit)}, readonly=True)
-    if not rows:
-        return np.zeros((0, 0), np.float32)
-    return np.asarray([r[1] for r in rows], dtype=np.float32)
-
-
 def _tsne(points: np.ndarray, seed: int) -> np.ndarray:
     """2-d t-SNE embedding, perplexity ≤ 30, fixed random_state, on one thread.
 
@@ -129,7 +104,7 @@ def _tsne_figures(store: Any, out: Path, state_dir: str | os.PathLike, model: st
                   max_points: int, seed: int, echo: Echo) -> list[Path]:
     from workers.inference.models import MODEL_NAMES
 
-    models = _reference_models(store, model)
+    models = reference_models(store, model)
     if not models:
         echo("t-SNE: skipped, reference_embeddings is empty" + (f" for model {model!r}" if model else "")
              + " (publish one with `layerwatch reference`)")
@@ -143,53 +118,20 @@ def _tsne_figures(store: Any, out: Path, state_dir: str | os.PathLike, model: st
     return written
 
 
-def _live_windows(store: Any, model: str, version: str, minutes: float | None) -> list[tuple[str, str, int, int, float]]:
-    """The calmest and the most drifted tested window of ``model`` (label, window id, start, end, rate).
-
-    Read from ``drift_windows`` (the combined row when there is one); ``minutes`` counts back from
-    the newest window, as for the detection-rate figure. One entry when both are the same window.
-    """
-    rows = store.query(
-        "SELECT window_id, any(window_start_ms), any(window_end_ms), "
-        "if(countIf(layer = {c}) > 0, maxIf(detection_rate, layer = {c}), max(detection_rate)) "
-        "FROM drift_windows FINAL WHERE model_id = {m} AND model_version = {v} GROUP BY window_id",
-        {"m": model, "v": version, "c": COMBINED}, readonly=True)
-    if not rows:
-        return []
-    if minutes is not None:
-        newest = max(int(r[2]) for r in rows)
-        rows = [r for r in rows if int(r[2]) >= newest - int(float(minutes) * 60_000)]
-    calm = min(rows, key=lambda r: (float(r[3]), -int(r[2])))
-    hot = max(rows, key=lambda r: (float(r[3]), int(r[2])))
-    picked = [("calmest window", calm)] + ([("most drifted window", hot)] if hot[0] != calm[0] else [])
-    return [(label, str(r[0]), int(r[1]), int(r[2]), float(r[3])) for label, r in picked]
-
-
-def _window_inputs(store: Any, model: str, start_ms: int, end_ms: int, limit: int) -> np.ndarray:
-    """Up to ``limit`` live inputs of ``model`` in [start_ms, end_ms) from ``predictions_inputs``."""
-    rows = store.query(
-        "SELECT event_id, any(input) FROM predictions_inputs WHERE model_id = {m} AND ts_ms >= {s} AND ts_ms < {e} "
-        "GROUP BY event_id ORDER BY cityHash64(event_id) LIMIT {n}",
-        {"m": model, "s": int(start_ms), "e": int(end_ms), "n": int(limit)}, readonly=True)
-    if not rows:
-        return np.zeros((0, 0), np.float32)
-    return np.asarray([r[1] for r in rows], dtype=np.float32)
-
-
 def _tsne_model(store: Any, out: Path, state_dir: str | os.PathLike, model: str, minutes: float | None,
                 max_points: int, seed: int, echo: Echo) -> list[Path]:
     from workers.inference.models import load_demo_models
     from workers.inference.tap import PENULTIMATE, LayerTap
 
     demo = load_demo_models(state_dir, [model], progress=False, seed=seed)[model]
-    version = _reference_version(store, model, str(demo.version))
+    version = reference_version(store, model, str(demo.version))
     if version is None:
         echo(f"t-SNE: skipped model {model!r}: no reference rows")
         return []
-    windows = _live_windows(store, model, version, minutes)
+    windows = live_windows(store, model, version, minutes)
     groups_in: list[tuple[str, str, np.ndarray]] = []
     for label, window_id, start, end, rate in windows:
-        x = _window_inputs(store, model, start, end, max_points)
+        x = window_inputs(store, model, start, end, max_points)
         if len(x):
             ends = _ms_to_dt([end])[0]
             groups_in.append((label, f"{label}, ending {ends:%H:%M:%S} UTC (rate {rate:.2f}, n={len(x)})", x))
@@ -217,7 +159,7 @@ def _tsne_model(store: Any, out: Path, state_dir: str | os.PathLike, model: str,
     order = [n for n in demo.layer_names() if n in usable] + [n for n in usable if n not in demo.layer_names()]
     written = []
     for layer in order:
-        ref = _reference_layer(store, model, version, layer, max_points)
+        ref = reference_layer(store, model, version, layer, max_points)
         if len(ref) < 2:
             echo(f"t-SNE: skipped {model}/{layer}: fewer than 2 reference rows")
             continue
@@ -251,62 +193,6 @@ def _tsne_model(store: Any, out: Path, state_dir: str | os.PathLike, model: str,
 # ============================================================== (b) detection rate over time
 
 
-def _windows(store: Any, model: str | None, minutes: float | None) -> dict[str, dict[str, np.ndarray]]:
-    """{model: {"layer", "end_ms", "rate"}} of drift_windows, deduplicated, oldest first."""
-    where, params = [], {}
-    if model is not None:
-        where.append("model_id = {m}")
-        params["m"] = model
-    if minutes is not None:
-        newest = store.query("SELECT max(window_end_ms), count() FROM drift_windows"
-                             + (" WHERE model_id = {m}" if model is not None else ""), params, readonly=True)
-        if newest and newest[0][1]:
-            where.append("window_end_ms >= {since}")
-            params["since"] = max(0, int(newest[0][0]) - int(float(minutes) * 60_000))
-    sql = ("SELECT model_id, layer, window_end_ms, detection_rate FROM drift_windows FINAL"
-           + (" WHERE " + " AND ".join(where) if where else "")
-           + " ORDER BY model_id, window_end_ms, layer")
-    rows = store.query(sql, params, readonly=True)
-    out: dict[str, dict[str, list]] = {}
-    for model_id, layer, end_ms, rate in rows:
-        d = out.setdefault(str(model_id), {"layer": [], "end_ms": [], "rate": []})
-        d["layer"].append(str(layer))
-        d["end_ms"].append(int(end_ms))
-        d["rate"].append(float(rate))
-    return {k: {"layer": np.asarray(v["layer"]), "end_ms": np.asarray(v["end_ms"], np.int64),
-                "rate": np.asarray(v["rate"], np.float64)} for k, v in out.items()}
-
-
-def _attack_spans(store: Any, model: str, start_ms: int, end_ms: int, bucket_ms: int = 5000
-                  ) -> list[tuple[int, int, str]]:
-    """(start_ms, end_ms, attack) spans where most predictions of ``model`` carry an attack label."""
-    try:
-        rows = store.query(
-            "SELECT intDiv(ts_ms, {b}) AS bucket, attack, count() FROM predictions FINAL "
-            "WHERE model_id = {m} AND ts_ms >= {s} AND ts_ms <= {e} GROUP BY bucket, attack ORDER BY bucket",
-            {"b": int(bucket_ms), "m": model, "s": int(max(0, start_ms - bucket_ms)), "e": int(end_ms)},
-            readonly=True)
-    except Exception:  # noqa: BLE001 - shading is a bonus; the figure is drawn without it
-        return []
-    per: dict[int, dict[str, int]] = {}
-    for bucket, attack, count in rows:
-        per.setdefault(int(bucket), {})[str(attack)] = int(count)
-    spans: list[tuple[int, int, str]] = []
-    for bucket in sorted(per):
-        counts = per[bucket]
-        total = sum(counts.values())
-        attacked = {a: c for a, c in counts.items() if a not in _CLEAN_LABELS}
-        if not attacked or sum(attacked.values()) * 2 < total:
-            continue
-        name = max(attacked, key=attacked.get)
-        lo, hi = bucket * bucket_ms, (bucket + 1) * bucket_ms
-        if spans and spans[-1][2] == name and spans[-1][1] >= lo:
-            spans[-1] = (spans[-1][0], hi, name)
-        else:
-            spans.append((lo, hi, name))
-    return spans
-
-
 def _ms_to_dt(ms: np.ndarray | Sequence[int]) -> list[_dt.datetime]:
     return [_dt.datetime.fromtimestamp(int(v) / 1000.0, tz=_dt.timezone.utc).replace(tzinfo=None) for v in ms]
 
@@ -315,7 +201,7 @@ def _detection_figures(store: Any, out: Path, model: str | None, minutes: float 
                        echo: Echo) -> list[Path]:
     import matplotlib.dates as mdates
 
-    data = _windows(store, model, minutes)
+    data = window_rates(store, model, minutes)
     if not data:
         echo("detection rate: skipped, drift_windows has no rows"
              + (f" for model {model!r}" if model else "") + (f" in the last {minutes:g} minutes" if minutes else ""))
@@ -328,7 +214,7 @@ def _detection_figures(store: Any, out: Path, model: str | None, minutes: float 
         ax = fig.add_subplot(1, 1, 1)
         lo, hi = int(d["end_ms"].min()), int(d["end_ms"].max())
         shaded = set()
-        for s, e, attack in _attack_spans(store, name, lo, hi):
+        for s, e, attack in attack_spans(store, name, lo, hi):
             ax.axvspan(*_ms_to_dt([s, e]), color="#f2c4c4", alpha=0.45, linewidth=0,
                        label=None if attack in shaded else f"attack phase: {attack}")
             shaded.add(attack)
@@ -361,111 +247,13 @@ def _detection_figures(store: Any, out: Path, model: str | None, minutes: float 
 # ============================================================== (c) attack confusion matrix
 
 
-def _as_confusion(value: Any, siblings: Mapping[str, Any] | None) -> tuple[list[str], np.ndarray] | None:
-    """(labels, square matrix) from a confusion entry: a matrix, or a dict holding one and its labels."""
-    labels = None
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        for key in ("matrix", "confusion", "confusion_matrix", "counts", "values"):
-            if key in value:
-                labels = next((value[k] for k in ("labels", "classes", "names") if k in value), None)
-                value = value[key]
-                if hasattr(value, "tolist"):
-                    value = value.tolist()
-                break
-        else:
-            # {true: {pred: count}}
-            if value and all(isinstance(v, Mapping) for v in value.values()):
-                rows = list(value)
-                cols = list(dict.fromkeys(c for v in value.values() for c in v))
-                names = list(dict.fromkeys([*rows, *cols]))
-                m = np.array([[float(value.get(r, {}).get(c, 0)) for c in names] for r in names])
-                return [str(n) for n in names], m
-            return None
-    if labels is None and siblings is not None:
-        labels = next((siblings[k] for k in ("labels", "classes", "attack_labels", "names") if k in siblings), None)
-    try:
-        m = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-        return None
-    if labels is None or len(labels) != m.shape[0]:
-        labels = [str(i) for i in range(m.shape[0])]
-    return [str(x) for x in labels], m
-
-
-def _find_confusions(obj: Any, path: str = "", depth: int = 0) -> list[tuple[str, list[str], np.ndarray]]:
-    """Every confusion matrix inside a result / JSON document: (key path, labels, matrix)."""
-    if depth > 4:
-        return []
-    if not isinstance(obj, Mapping):
-        if hasattr(obj, "__dict__") and not isinstance(obj, type):
-            obj = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-        else:
-            return []
-    found = []
-    for key, value in obj.items():
-        here = f"{path}.{key}" if path else str(key)
-        if "confusion" in str(key).lower():
-            got = _as_confusion(value, obj)
-            if got is not None:
-                found.append((here, *got))
-                continue
-        if isinstance(value, Mapping) or (hasattr(value, "__dict__") and not isinstance(value, type)
-                                          and not callable(value)):
-            found += _find_confusions(value, here, depth + 1)
-    return found
-
-
-def _pick(found: list[tuple[str, list[str], np.ndarray]]) -> tuple[str, list[str], np.ndarray] | None:
-    if not found:
-        return None
-    return sorted(found, key=lambda f: ("attack" not in f[0].lower(), "test" not in f[0].lower(), len(f[0])))[0]
-
-
-def _confusion_from_evaluate(state_dir: str | os.PathLike, echo: Echo) -> tuple[str, list[str], np.ndarray] | None:
-    """The confusion matrix of ``layerwatch classifier eval`` on the held-out split (None when there is none)."""
-    import tempfile
-
-    from workers.classifier.training import evaluate
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="lw-report-") as scratch:  # evaluate draws its own PNG: not ours
-            result = evaluate(state_dir, png_path=Path(scratch) / "confusion.png", print_tables=False)
-    except FileNotFoundError:
-        echo("confusion matrix: no trained attack classifier (run `layerwatch classifier train`); "
-             "trying a saved evaluation JSON")
-        return None
-    except ValueError as exc:
-        echo(f"confusion matrix: {exc}; trying a saved evaluation JSON")
-        return None
-    got = _pick(_find_confusions(result))
-    if got is None:
-        echo("confusion matrix: the classifier evaluation has no confusion matrix")
-    return got
-
-
-def _confusion_from_json(paths: Iterable[Path]) -> tuple[str, list[str], np.ndarray] | None:
-    for path in paths:
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        got = _pick(_find_confusions(doc if isinstance(doc, Mapping) else {}))
-        if got is not None:
-            return f"{path.name}:{got[0]}", got[1], got[2]
-    return None
-
-
 def _confusion_figure(out: Path, state_dir: str | os.PathLike, source: str, confusion_json: str | os.PathLike | None,
                       echo: Echo) -> list[Path]:
     if source == "off":
         return []
     got = None
     if source == "auto" and confusion_json is None:
-        got = _confusion_from_evaluate(state_dir, echo)
+        got = confusion_from_evaluate(state_dir, echo)
     if got is None:
         if confusion_json is not None:
             candidates = [Path(confusion_json)]
@@ -473,7 +261,7 @@ def _confusion_figure(out: Path, state_dir: str | os.PathLike, source: str, conf
             base = Path(state_dir) / "classifier"
             candidates = sorted((p for p in base.glob("*.json") if p.name != "manifest.json"),
                                 key=lambda p: ("eval" not in p.name, p.name)) if base.is_dir() else []
-        got = _confusion_from_json(candidates)
+        got = confusion_from_json(candidates)
     if got is None:
         echo("confusion matrix: skipped, no classifier evaluation found (train and evaluate the attack "
              "classifier first; looked for workers.classifier.training.evaluate and "
@@ -550,14 +338,6 @@ def write_report(
         except Exception as exc:  # noqa: BLE001 - one broken figure must not cost the others
             say(f"{part}: failed ({type(exc).__name__}: {exc})")
     return written
-
-
-def report_models(store: Any) -> list[str]:
-    """Model ids the store has predictions, references or windows of."""
-    rows = store.query("SELECT DISTINCT model_id FROM (SELECT model_id FROM predictions UNION ALL "
-                       "SELECT model_id FROM reference_embeddings UNION ALL SELECT model_id FROM drift_windows) "
-                       "ORDER BY model_id", readonly=True)
-    return [str(r[0]) for r in rows]
 
 
 def run_report_cli(

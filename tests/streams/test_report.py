@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streams.report import COMBINED, _find_confusions, run_report_cli, write_report
+from streams.report import COMBINED, run_report_cli, write_report
+from streams.report_confusion import find_confusions
 from streams.store import open_store
 
 pytestmark = pytest.mark.integration  # chDB
@@ -159,24 +160,24 @@ def test_confusion_formats() -> None:
         {"attack": {"confusion": {"labels": ["clean", "pgd"], "matrix": m}}},
         {"eval": {"attack_confusion": {"clean": {"clean": 5, "pgd": 1}, "pgd": {"pgd": 4}}}},
     ):
-        (found,) = _find_confusions(doc)
+        (found,) = find_confusions(doc)
         _key, labels, matrix = found
         assert labels == ["clean", "pgd"]
         assert matrix.tolist() == [[5.0, 1.0], [0.0, 4.0]]
-    assert _find_confusions({"confusion": [1, 2, 3]}) == []
+    assert find_confusions({"confusion": [1, 2, 3]}) == []
 
 
 def test_tsne_windows_are_the_calmest_and_the_most_drifted(chdb_url: str, state_dir: Path) -> None:
-    from streams.report import _live_windows, _window_inputs
+    from streams.report_store import live_windows, window_inputs
     from workers.inference.models import load_demo_models
 
     _fill(chdb_url, state_dir)
     version = str(load_demo_models(state_dir, ["resnet"], progress=False)["resnet"].version)
     with open_store(chdb_url) as store:
-        picked = _live_windows(store, "resnet", version, None)
+        picked = live_windows(store, "resnet", version, None)
         # combined rows: 0.04 outside the attack (the newest such window wins ties), 1.0 inside (the newest)
         assert [(label, wid, rate) for label, wid, _s, _e, rate in picked] == [
             ("calmest window", "w11", 0.04), ("most drifted window", "w7", 1.0)]
         _, _, start, end, _ = picked[1]
-        x = _window_inputs(store, "resnet", start, end, limit=1000)
+        x = window_inputs(store, "resnet", start, end, limit=1000)
         assert x.shape == (20, 64)  # one stored input every 500 ms over the window's 10 s
