@@ -2,6 +2,7 @@
 
     python bench/fleet.py [--models 100] [--layers 2] [--clients 5000] [--predictions 300000]
                           [--workers 1,2] [--paced-seconds 60] [--attacked 3] [--json PATH]
+    python bench/fleet.py --test-workers 1,2 [--ingest-workers 1] [--replay-windows 400] [--replay-rounds 2] …
 
 For each worker count in ``--workers`` (1, then 2) a fresh Tansu broker, a fresh database on
 one Debian clickhouse-server (started once), fresh worker(s) with every agent on:
@@ -35,6 +36,21 @@ one Debian clickhouse-server (started once), fresh worker(s) with every agent on
 and ClickHouse start-up, producer, CPU sampler, raw consumer) are bench/pipeline.py's. The
 machine's cores are shared by the broker, ClickHouse, the publisher and the workers: the
 JSON says where the CPU went. Not run by pytest.
+
+**Test workers** (``--test-workers 1,2``): one run instead, with ``--ingest-workers`` workers
+``--agents ingest`` (they publish closed windows to ``lw.windows``) and a pool of ``--agents test``
+workers; phases 1 and 2 as above (with K = the first size), then, the ingest workers held fixed:
+
+3. for each K a fresh pool of K test workers and the paced phase (the same seeded records for
+   every K): windows due / tested, test lag p50 / p99 in seconds and in window steps, the pool's
+   window tests per second, per-process CPU over the phase;
+4. **capacity**: for each K, a fresh consumer group of K test workers re-tests ``lw.windows``
+   from its start (the very records the ingest workers published, so the ingest side is
+   identical for every K); after ``--replay-skip`` windows (the reference loads) the next
+   ``--replay-windows`` give ``window_tests_per_s`` and the CPU seconds of every process (ingest
+   worker, each test worker, broker, ClickHouse, this script) and of the rest of the machine
+   (``other``, from /proc/stat). ``--replay-rounds`` alternate the order (1, 2, 2, 1) and the
+   median is reported, so a change in the machine's other load hits every K alike.
 """
 
 from __future__ import annotations
@@ -58,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline import (  # noqa: E402
+    CLK_TCK,
     CpuSampler,
     console,
     load,
@@ -272,15 +289,280 @@ def due_windows(sent: list[tuple[str, int, int]], settings: Settings, until_ms: 
     return due
 
 
-def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: Any, tmp: Path) -> dict[str, Any]:
-    tag = f"f{workers_n}{os.getpid() % 1000}"
-    prefix = f"fleet{workers_n}."
-    state = tmp / f"fleet{workers_n}"
-    store_url = server.url_for(f"lw_fleet_{os.getpid()}_{workers_n}")
+def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bootstrap: str, url: str,
+                  metric_urls: list[str], tag: str) -> dict[str, Any]:
+    """Phase 3: paced traffic, the windows due in it, those tested, the test lag and the alerts opened."""
+    coalesced0 = sum(metric_sum(u, "layerwatch_windows_coalesced_total") for u in metric_urls)
+    untested0 = sum(metric_sum(u, "layerwatch_windows_untested_total") for u in metric_urls)
+    watcher = DriftWatcher(bootstrap, settings.topic("drift"))
+    watcher.start()
+    paced = asyncio.run(publish_paced(fleet, bootstrap, settings.topic("predictions"), opts.partitions, tag,
+                                      opts.paced_rate, opts.paced_seconds, opts.paced_batch))
+    paced_end = now_ms()
+    due = due_windows(paced["sent"], settings, paced_end, list(fleet.dims))
+    # wait for the drift rows of the due windows (or until none came for four window steps)
+    deadline, last_n, stable_since = time.monotonic() + opts.drain_timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        arrived = dict(watcher.arrived)
+        if all(k in arrived for k in due):
+            break
+        if len(arrived) != last_n:
+            last_n, stable_since = len(arrived), time.monotonic()
+        elif time.monotonic() - stable_since > 4 * settings.window_step_s:
+            break
+        time.sleep(1.0)
+    watcher.stop()
+    arrived = dict(watcher.arrived)
+    tested_keys = [k for k in due if k in arrived]
+    lags = np.array([(arrived[k] - due[k] - 1000) / 1000 for k in tested_keys]) if tested_keys else np.zeros(0)
+
+    def opened_alerts() -> dict[str, int]:
+        rows = query(url, "SELECT model_id, count() FROM alerts FINAL WHERE kind = 'distribution_shift' "
+                          "AND state = 'open' AND ts_ms >= {t} GROUP BY model_id", {"t": paced["sent"][0][1]})
+        return {r[0]: int(r[1]) for r in rows}
+
+    deadline = time.monotonic() + 30  # the alerts agent follows the drift rows
+    while not all(m in (opened := opened_alerts()) for m in fleet.attacked) and time.monotonic() < deadline:
+        time.sleep(2.0)
+    # window tests (model, window id) of the phase's due windows, over the phase from its first publish
+    due_windows_n = len({(m, w) for m, _, w in due})
+    tested_windows = {(m, w) for m, _, w in tested_keys}
+    phase_end = max(arrived[k] for k in tested_keys) if tested_keys else paced_end
+    phase_s = (phase_end - paced["sent"][0][1]) / 1000
+    return {
+        "phase_start_ms": paced["sent"][0][1], "phase_end_ms": phase_end,
+        "paced_rate": opts.paced_rate, "paced_actual_per_s": paced["predictions"] / paced["wall_s"],
+        "windows_due": len(due), "windows_tested": len(tested_keys),
+        "window_tests_due": due_windows_n, "window_tests_done": len(tested_windows),
+        "paced_window_tests_per_s": len(tested_windows) / phase_s if tested_keys else float("nan"),
+        "windows_coalesced": sum(metric_sum(u, "layerwatch_windows_coalesced_total") for u in metric_urls) - coalesced0,
+        "windows_untested": sum(metric_sum(u, "layerwatch_windows_untested_total") for u in metric_urls) - untested0,
+        "drift_records_paced": len(arrived),
+        "test_lag_p50_s": float(np.percentile(lags, 50)) if lags.size else float("nan"),
+        "test_lag_p99_s": float(np.percentile(lags, 99)) if lags.size else float("nan"),
+        "test_lag_p50_steps": float(np.percentile(lags, 50)) / settings.window_step_s if lags.size else float("nan"),
+        "test_lag_p99_steps": float(np.percentile(lags, 99)) / settings.window_step_s if lags.size else float("nan"),
+        "window_step_s": settings.window_step_s,
+        "attacked": fleet.attacked,
+        "alerts_opened": {"attacked": sum(opened.get(m, 0) for m in fleet.attacked),
+                          "attacked_models_alerted": sum(1 for m in fleet.attacked if opened.get(m)),
+                          "clean": sum(n for m, n in opened.items() if m not in fleet.attacked),
+                          "clean_models_alerted": sorted(m for m in opened if m not in fleet.attacked)},
+        "test_seconds_mean": (sum(metric_sum(u, "layerwatch_window_test_duration_seconds_sum") for u in metric_urls)
+                              / max(1.0, sum(metric_sum(u, "layerwatch_window_test_duration_seconds_count") for u in metric_urls))),
+    }
+
+
+# ----------------------------------------------------------------------------- the test pool (--test-workers)
+
+
+MACHINE = -1  # CpuSampler "pid" of the whole machine's busy CPU time
+
+
+class FleetCpu(CpuSampler):
+    """CpuSampler that also samples the machine's busy CPU seconds (/proc/stat) under the pid ``MACHINE``."""
+
+    @staticmethod
+    def cpu_seconds(pid: int) -> float | None:
+        if pid != MACHINE:
+            return CpuSampler.cpu_seconds(pid)
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+        return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def cpu_breakdown(sampler: CpuSampler, t0: float, t1: float) -> dict[str, Any]:
+    """CPU seconds of each sampled process over [t0, t1], the machine's busy seconds and the rest ("other":
+    processes not of this benchmark, e.g. other work on a shared machine), and the same as cores."""
+    seconds = {n: round(sampler.between(t0, t1, [n]), 2) for n in sampler.pids if n != "machine"}
+    machine = sampler.between(t0, t1, ["machine"])
+    seconds["other"] = round(machine - sum(seconds.values()), 2)
+    wall = max(1e-9, t1 - t0)
+    return {"wall_s": round(wall, 2), "machine_busy_s": round(machine, 2), "cores_available": os.cpu_count(),
+            "cpu_s": seconds, "cores": {n: round(v / wall, 2) for n, v in seconds.items()}}
+
+
+def spawn_test_workers(stack: LocalStack, k: int, env: dict[str, str], prefix: str) -> list[tuple[Any, str]]:
+    """Spawn ``k`` ``--agents test`` workers (one consumer group, named by ``LW_APP_ID``); no waiting."""
+    from streams.broker import free_port
+
+    spawned = []
+    for i in range(k):
+        port = free_port()
+        child = stack.spawn(f"{prefix}{i}", ["worker"], LW_WEB_PORT=str(port), **(env | {"LW_AGENTS": "test"}))
+        spawned.append((child, f"http://127.0.0.1:{port}"))
+    return spawned
+
+
+def wait_test_workers(pool: list[tuple[Any, str]], timeout: float = 180) -> None:
+    """Until every test worker announced its first partition assignment (its log's "worker ready" line)."""
+    from streams.stack import wait_for
+
+    for child, _ in pool:
+        wait_for(lambda child=child: "layerwatch worker ready" in child.log_path.read_text(errors="replace"),
+                 timeout, f"{child.name} ready", interval=0.5, alive=child.check)
+
+
+def start_test_workers(stack: LocalStack, k: int, env: dict[str, str], prefix: str) -> list[tuple[Any, str]]:
+    pool = spawn_test_workers(stack, k, env, prefix)
+    wait_test_workers(pool)
+    return pool
+
+
+def stop_test_workers(pool: list[tuple[Any, str]]) -> None:
+    for child, _ in pool:
+        child.terminate()
+    for child, _ in pool:
+        child.stop()
+
+
+def replay_capacity(opts: argparse.Namespace, stack: LocalStack, settings: Settings, env: dict[str, str], k: int,
+                    base_pids: dict[str, int], ingest_urls: list[str], round_: int = 0) -> dict[str, Any]:
+    """Test capacity of K test workers: a fresh consumer group re-tests ``lw.windows`` from its start.
+
+    Every K drains the same records (the windows the ingest workers published during the run), so the
+    ingest side is held fixed exactly. Distinct windows whose DriftResults reached ``lw.drift`` are
+    counted; the first ``--replay-skip`` windows (default: one per model) load and fit the references
+    (``window_tests_per_s_cold`` includes them), the next ``--replay-windows`` give the warm rate
+    ``window_tests_per_s`` and the CPU breakdown.
+    """
+    published = int(sum(metric_sum(u, "layerwatch_windows_published_total") for u in ingest_urls))
+    skip = opts.models if opts.replay_skip is None else opts.replay_skip
+    target = max(skip + 2, min(published, skip + opts.replay_windows))
+    watcher = DriftWatcher(stack.start_broker(), settings.topic("drift"))
+    watcher.start()
+    pool = spawn_test_workers(stack, k, env | {"LW_APP_ID": f"{env['LW_APP_ID']}-replay{round_}"},
+                              f"replay-{round_}-k{k}-")
+    sampler = FleetCpu(base_pids | {c.name: c.process.pid for c, _ in pool}).start()
+
+    def windows() -> dict[tuple[str, str], int]:
+        first: dict[tuple[str, str], int] = {}
+        for (model, _, wid), at in list(watcher.arrived.items()):
+            first[(model, wid)] = min(at, first.get((model, wid), at))
+        return first
+
+    deadline, last_n, stable_since = time.monotonic() + opts.replay_timeout, -1, time.monotonic()
+    with Progress(TextColumn(f"K={k}: re-testing lw.windows"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("replay", total=target)
+        while time.monotonic() < deadline:
+            for c, _ in pool:
+                c.check()
+            n = len(windows())
+            progress.update(task, completed=min(n, target))
+            if n >= target:
+                break
+            if n != last_n:
+                last_n, stable_since = n, time.monotonic()
+            elif n and time.monotonic() - stable_since > 30:
+                break
+            time.sleep(0.5)
+    watcher.stop()
+    sampler.stop()
+    per_worker = {c.name: int(metric_sum(u, "layerwatch_windows_tested_total")) for c, u in pool}
+    test_seconds = [metric_sum(u, "layerwatch_window_test_duration_seconds_sum") for _, u in pool]
+    stop_test_workers(pool)
+    times = np.sort(np.array(list(windows().values()), dtype=np.int64))[:target]
+    result: dict[str, Any] = {"test_workers": k, "round": round_, "windows_published": published, "target": target,
+                              "windows_tested": int(times.size), "tested_per_worker": per_worker}
+    if times.size <= skip + 1 or times[-1] == times[skip]:
+        return result | {"window_tests_per_s": float("nan")}
+    # the windows of the poll that starts the clock are not counted (tested before it)
+    cold = int(np.count_nonzero(times > times[0])) / ((times[-1] - times[0]) / 1000)
+    t0, t1 = times[skip] / 1000, times[-1] / 1000
+    measured = int(np.count_nonzero(times > times[skip]))
+    cpu = cpu_breakdown(sampler, t0, t1)
+    tests_cpu = sum(v for n, v in cpu["cpu_s"].items() if n.startswith("replay-"))  # this round's test workers
+    return result | {
+        "skipped_windows": skip, "window_tests_per_s_cold": round(cold, 2),
+        "measured_windows": measured, "seconds": round(t1 - t0, 2), "window_tests_per_s": round(measured / (t1 - t0), 2),
+        "test_worker_cpu_s_per_window": round(tests_cpu / max(1, measured), 4),
+        "test_compute_s_per_window": round(sum(test_seconds) / max(1, sum(per_worker.values())), 4),
+        "cpu": cpu,
+    }
+
+
+def capacity_summary(k: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median tests/s and CPU per test of K's rounds; the mean cores per role (tests, ingest, broker, ...)."""
+    def role(name: str) -> str:
+        return "tests" if name.startswith("replay-") else "ingest" if name.startswith("worker") else name
+
+    cores: dict[str, float] = {}
+    for r in rounds:
+        for name, v in r.get("cpu", {}).get("cores", {}).items():
+            cores[role(name)] = cores.get(role(name), 0.0) + v / len(rounds)
+    def med(key: str) -> float:
+        return float(np.median([r.get(key, float("nan")) for r in rounds]))
+
+    return {"test_workers": k, "rounds": len(rounds),
+            "window_tests_per_s": round(med("window_tests_per_s"), 2),
+            "window_tests_per_s_rounds": [r.get("window_tests_per_s") for r in rounds],
+            "window_tests_per_s_cold": round(med("window_tests_per_s_cold"), 2),
+            "test_worker_cpu_s_per_window": round(med("test_worker_cpu_s_per_window"), 4),
+            "test_compute_s_per_window": round(med("test_compute_s_per_window"), 4),
+            "cores": {n: round(v, 2) for n, v in cores.items()}}
+
+
+def test_pool(opts: argparse.Namespace, fleet: Fleet, stack: LocalStack, settings: Settings, env: dict[str, str],
+              workers: list[tuple[Any, str]], pool: list[tuple[Any, str]], ks: list[int], server: Any,
+              tag: str) -> dict[str, Any]:
+    """Phase 3 once per pool size K (the same ingest workers, the same paced records), then the capacity
+    of each K re-testing the same ``lw.windows`` backlog (:func:`replay_capacity`)."""
+    url, ingest_urls = workers[0][1], [u for _, u in workers]
+    base_pids = {c.name: c.process.pid for c, _ in workers} | {"broker": stack.broker.process.pid,
+                                                               "bench": os.getpid(), "machine": MACHINE}
+    if server._proc is not None:
+        base_pids["clickhouse"] = server._proc.pid
+    paced_runs = []
+    for k in ks:
+        stop_test_workers(pool)  # a fresh pool of K per phase: every K starts with cold reference caches
+        pool = start_test_workers(stack, k, env, f"tests-k{k}-")
+        fleet.rng = np.random.default_rng(1)  # the same paced records for every K
+        sampler = FleetCpu(base_pids | {c.name: c.process.pid for c, _ in pool}).start()
+        r = paced_windows(opts, fleet, settings, stack.start_broker(), url, ingest_urls + [u for _, u in pool],
+                          f"{tag}p{k}")
+        sampler.stop()
+        tested = {c.name: int(metric_sum(u, "layerwatch_windows_tested_total")) for c, u in pool}
+        r |= {"test_workers": k, "tested_per_worker": tested,
+              # every window the fresh pool tested (also those not wholly inside the phase), over the phase
+              "pool_window_tests_per_s": sum(tested.values()) / max(1e-9, (r["phase_end_ms"] - r["phase_start_ms"]) / 1000),
+              "cpu": cpu_breakdown(sampler, r["phase_start_ms"] / 1000, r["phase_end_ms"] / 1000)}
+        paced_runs.append(r)
+        console.print(f"paced K={k}: due {r['windows_due']}, tested {r['windows_tested']}, "
+                      f"lag p99 {r['test_lag_p99_s']:.1f} s ({r['test_lag_p99_steps']:.1f} steps)")
+    stop_test_workers(pool)
+    # rounds alternate the order (1, 2, 2, 1, …) so a change of the machine's other load hits every K alike
+    order = [k for r in range(opts.replay_rounds) for k in (ks if r % 2 == 0 else ks[::-1])]
+    rounds = []
+    for i, k in enumerate(order):
+        rounds.append(replay_capacity(opts, stack, settings, env, k, base_pids, ingest_urls, i))
+        console.print(f"capacity K={k} (round {i}): {rounds[-1].get('window_tests_per_s')} window tests/s, "
+                      f"cores {rounds[-1].get('cpu', {}).get('cores')}")
+    capacity = [capacity_summary(k, [r for r in rounds if r["test_workers"] == k]) for k in ks]
+    base = capacity[0]["window_tests_per_s"] or float("nan")
+    for c in capacity:
+        c["speedup"] = round(c["window_tests_per_s"] / base, 2)
+    return {"ingest_workers": len(workers), "test_workers": ks, "paced": paced_runs, "capacity": capacity,
+            "capacity_rounds": rounds,
+            "windows_published": int(sum(metric_sum(u, "layerwatch_windows_published_total") for u in ingest_urls)),
+            "windows_downsampled": int(sum(metric_sum(u, "layerwatch_windows_downsampled_total") for u in ingest_urls))}
+
+
+def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: Any, tmp: Path,
+              test_ks: list[int] | None = None) -> dict[str, Any]:
+    """One fleet run with ``workers_n`` workers: every agent on each, or, with ``test_ks``, ingest workers
+    plus a pool of test workers (phase 3 then runs once per pool size K, see :func:`test_pool`)."""
+    split = "s" if test_ks else ""
+    tag = f"f{split}{workers_n}{os.getpid() % 1000}"
+    prefix = f"fleet{split}{workers_n}."
+    state = tmp / f"fleet{split}{workers_n}"
+    store_url = server.url_for(f"lw_fleet_{os.getpid()}_{split}{workers_n}")
     env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"lw-fleet-{tag}", "LW_TOPIC_PARTITIONS": str(opts.partitions),
-           "LW_REFERENCE_MAX": str(opts.reference), "LW_AGENTS": "all",
+           "LW_REFERENCE_MAX": str(opts.reference), "LW_AGENTS": "ingest" if test_ks else "all",
            "LW_MMD_PERMUTATIONS": str(opts.perms)}
     result: dict[str, Any] = {"workers": workers_n, "load_before": load()}
+    if test_ks:
+        result["agents"] = "ingest"
     opts_like = argparse.Namespace(workers=workers_n)
     with LocalStack(state_dir=state, clickhouse_url=store_url) as stack:
         bootstrap = stack.start_broker()
@@ -299,7 +581,9 @@ def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: An
         workers = start_workers(stack, opts_like, env)
         children = [c for c, _ in workers]
         url = workers[0][1]
-        pids = {c.name: c.process.pid for c in children}
+        # the test pool of the warm-up and the throughput phase (phase 3 starts its own)
+        pool = start_test_workers(stack, test_ks[0], env, "tests") if test_ks else []
+        pids = {c.name: c.process.pid for c in children + [c for c, _ in pool]}
         pids["broker"] = stack.broker.process.pid
         if server._proc is not None:
             pids["clickhouse"] = server._proc.pid
@@ -328,12 +612,13 @@ def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: An
         probing0 = sum(metric_sum(u, "layerwatch_probing_seconds_total") for _, u in workers)
         probing_rows0 = sum(metric_sum(u, "layerwatch_probing_rows_total") for _, u in workers)
         before = {c.name: metric_total(u, "layerwatch_events_total", 'role="live"') for c, u in workers}
-        for c in children:
+        stopped = children + [c for c, _ in pool]
+        for c in stopped:
             c.process.send_signal(signal.SIGSTOP)
         try:
             pub["seconds"] = asyncio.run(publish_records(bootstrap, topic, backlog, "publishing backlog"))
         finally:
-            for c in children:
+            for c in stopped:
                 c.process.send_signal(signal.SIGCONT)
         del backlog
         expected = n_warm + pub["predictions"]
@@ -364,57 +649,12 @@ def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: An
         result["ceiling_per_s"] = (n_warm + pub["predictions"]) / raw["seconds"] if complete else float("nan")
         result["ratio"] = rate / result["ceiling_per_s"]
         # 3. windows on time: paced traffic with event time = wall clock, attacked models shifted mid-phase
-        coalesced0 = sum(metric_sum(u, "layerwatch_windows_coalesced_total") for _, u in workers)
-        untested0 = sum(metric_sum(u, "layerwatch_windows_untested_total") for _, u in workers)
         time.sleep(2 * settings.window_step_s)  # the backlog's windows close by the wall clock and are tested
         result["drift_rows_after_backlog"] = int(query(url, "SELECT count() FROM drift_windows")[0][0])
-        watcher = DriftWatcher(bootstrap, settings.topic("drift"))
-        watcher.start()
-        paced = asyncio.run(publish_paced(fleet, bootstrap, topic, opts.partitions, tag + "p", opts.paced_rate,
-                                          opts.paced_seconds, opts.paced_batch))
-        paced_end = now_ms()
-        layers = list(fleet.dims)
-        due = due_windows(paced["sent"], settings, paced_end, layers)
-        # wait for the drift rows of the due windows (or until none came for four window steps)
-        deadline, last_n, stable_since = time.monotonic() + opts.drain_timeout, -1, time.monotonic()
-        while time.monotonic() < deadline:
-            arrived = dict(watcher.arrived)
-            if all(k in arrived for k in due):
-                break
-            if len(arrived) != last_n:
-                last_n, stable_since = len(arrived), time.monotonic()
-            elif time.monotonic() - stable_since > 4 * settings.window_step_s:
-                break
-            time.sleep(1.0)
-        watcher.stop()
-        arrived = dict(watcher.arrived)
-        tested_keys = [k for k in due if k in arrived]
-        lags = np.array([(arrived[k] - due[k] - 1000) / 1000 for k in tested_keys]) if tested_keys else np.zeros(0)
-        def opened_alerts() -> dict[str, int]:
-            rows = query(url, "SELECT model_id, count() FROM alerts FINAL WHERE kind = 'distribution_shift' "
-                              "AND state = 'open' AND ts_ms >= {t} GROUP BY model_id", {"t": paced["sent"][0][1]})
-            return {r[0]: int(r[1]) for r in rows}
-
-        deadline = time.monotonic() + 30  # the alerts agent follows the drift rows
-        while not all(m in (opened := opened_alerts()) for m in fleet.attacked) and time.monotonic() < deadline:
-            time.sleep(2.0)
-        result.update(
-            paced_rate=opts.paced_rate, paced_actual_per_s=paced["predictions"] / paced["wall_s"],
-            windows_due=len(due), windows_tested=len(tested_keys),
-            windows_coalesced=sum(metric_sum(u, "layerwatch_windows_coalesced_total") for _, u in workers) - coalesced0,
-            windows_untested=sum(metric_sum(u, "layerwatch_windows_untested_total") for _, u in workers) - untested0,
-            drift_records_paced=len(arrived),
-            test_lag_p50_s=float(np.percentile(lags, 50)) if lags.size else float("nan"),
-            test_lag_p99_s=float(np.percentile(lags, 99)) if lags.size else float("nan"),
-            window_step_s=settings.window_step_s,
-            attacked=fleet.attacked,
-            alerts_opened={"attacked": sum(opened.get(m, 0) for m in fleet.attacked),
-                           "attacked_models_alerted": sum(1 for m in fleet.attacked if opened.get(m)),
-                           "clean": sum(n for m, n in opened.items() if m not in fleet.attacked),
-                           "clean_models_alerted": sorted(m for m in opened if m not in fleet.attacked)},
-            test_seconds_mean=(sum(metric_sum(u, "layerwatch_window_test_duration_seconds_sum") for _, u in workers)
-                               / max(1.0, sum(metric_sum(u, "layerwatch_window_test_duration_seconds_count") for _, u in workers))),
-        )
+        if not test_ks:
+            result.update(paced_windows(opts, fleet, settings, bootstrap, url, [u for _, u in workers], tag + "p"))
+        else:
+            result["test_pool"] = test_pool(opts, fleet, stack, settings, env, workers, pool, test_ks, server, tag)
         rss.stop()
         sampler.stop()
         result["worker_rss_mib"] = rss.peak
@@ -434,11 +674,31 @@ def report(runs: list[dict]) -> None:
     for name, _, _ in cols:
         table.add_column(name, justify="right")
     for r in runs:
-        table.add_row(*[fmt.format(r[k]) for _, k, fmt in cols])
+        table.add_row(*[fmt.format(r[k]) if k in r else "-" for _, k, fmt in cols])
     console.print(table)
     for r in runs:
-        console.print(f"workers={r['workers']}: rss {r['worker_rss_mib']}, alerts {r['alerts_opened']}, "
+        console.print(f"workers={r['workers']}: rss {r['worker_rss_mib']}, alerts {r.get('alerts_opened')}, "
                       f"cores {r['cpu_cores_over_drain']}")
+        if "test_pool" in r:
+            report_pool(r["test_pool"])
+
+
+def report_pool(pool: dict[str, Any]) -> None:
+    """The K = 1, 2, … comparison: capacity (re-testing the same lw.windows), then the paced phase."""
+    table = Table(title=f"test workers (ingest workers: {pool['ingest_workers']})")
+    for name in ("K", "tests/s", "× K=1", "cpu s/test", "cores: tests", "ingest", "broker", "clickhouse", "other",
+                 "paced tests/s", "due", "tested", "lag p50 s", "lag p99 s", "p99 steps"):
+        table.add_column(name, justify="right")
+    for cap, paced in zip(pool["capacity"], pool["paced"]):
+        cores = cap["cores"]
+        table.add_row(str(cap["test_workers"]), f"{cap['window_tests_per_s']:.2f}", f"{cap['speedup']:.2f}",
+                      f"{cap['test_worker_cpu_s_per_window']:.3f}",
+                      *[f"{cores.get(n, 0.0):.2f}" for n in ("tests", "ingest", "broker", "clickhouse", "other")],
+                      f"{paced['pool_window_tests_per_s']:.2f}",
+                      f"{paced['window_tests_due']}", f"{paced['window_tests_done']}",
+                      f"{paced['test_lag_p50_s']:.1f}", f"{paced['test_lag_p99_s']:.1f}",
+                      f"{paced['test_lag_p99_steps']:.2f}")
+    console.print(table)
 
 
 def main() -> None:
@@ -460,8 +720,22 @@ def main() -> None:
     ap.add_argument("--attacked", type=int, default=3)
     ap.add_argument("--warm-timeout", type=float, default=300.0)
     ap.add_argument("--drain-timeout", type=float, default=120.0)
+    ap.add_argument("--test-workers", default="",
+                    help="comma list of test-pool sizes K (e.g. 1,2): one run with --ingest-workers workers "
+                         "(--agents ingest) and K test workers (--agents test) per K; --workers is then ignored")
+    ap.add_argument("--ingest-workers", type=int, default=1, help="ingest workers with --test-workers")
+    ap.add_argument("--replay-windows", type=int, default=400,
+                    help="windows each K re-tests from lw.windows for its capacity figure")
+    ap.add_argument("--replay-skip", type=int, default=None,
+                    help="windows re-tested before the capacity clock starts (reference loads; default --models)")
+    ap.add_argument("--replay-rounds", type=int, default=2,
+                    help="capacity rounds per K, in alternating order (1,2 then 2,1); the median is reported")
+    ap.add_argument("--replay-timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, default=None)
     opts = ap.parse_args()
+    test_ks = [int(k) for k in opts.test_workers.split(",") if k.strip()]
+    if any(k < 1 for k in test_ks):
+        ap.error("--test-workers: every K must be at least 1")
     fleet = Fleet(opts.models, opts.layers, opts.clients, opts.batch, opts.zipf, opts.attacked)
     runs = []
     from tests.clickhouse_server import ClickHouseServer
@@ -469,7 +743,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lw-fleet-") as tmp:
         server = ClickHouseServer(Path(tmp) / "clickhouse").start()
         try:
-            for n in [int(w) for w in opts.workers.split(",")]:
+            if test_ks:
+                runs.append(run_fleet(opts, fleet, opts.ingest_workers, server, Path(tmp), test_ks))
+            for n in [] if test_ks else [int(w) for w in opts.workers.split(",")]:
                 runs.append(run_fleet(opts, fleet, n, server, Path(tmp)))
                 console.print(json.dumps({k: v for k, v in runs[-1].items() if k != "publish"}, default=str)[:2000])
         finally:
@@ -477,7 +753,7 @@ def main() -> None:
     report(runs)
     out = {"models": opts.models, "layers": opts.layers, "clients": opts.clients, "predictions": opts.predictions,
            "batch": opts.batch, "partitions": opts.partitions, "reference": opts.reference, "perms": opts.perms,
-           "cores": os.cpu_count(), "runs": runs}
+           "cores": os.cpu_count(), "test_workers": test_ks, "runs": runs}
     if opts.json:
         opts.json.write_text(json.dumps(out, indent=2, default=str))
 
