@@ -23,11 +23,12 @@ one Debian clickhouse-server (started once), fresh worker(s) with every agent on
 3. **windows on time**: ``--paced-seconds`` of traffic at ``--paced-rate`` predictions/s with
    event time = wall clock, so every model's windows close in real time; ``--attacked``
    models (spread over the Zipf ranks) get a mean shift of their activations for the second
-   half. ``windows_due`` counts every (model, layer, window) of that phase with at least
+   half. ``windows_due`` counts every (model, tested layer, window) of that phase with at least
    ``window_min_samples`` events that closed before the end (computed from what was
    published, with the worker's window arithmetic), ``windows_tested`` those with a drift
    row of exactly that window (a coalesced window's row has a merged id and does not
-   count; ``windows_coalesced`` and ``windows_untested`` come from the workers' metrics);
+   count; ``windows_coalesced`` and ``windows_untested`` come from the workers' metrics;
+   tested layers: ``LW_DRIFT_LAYERS``, by default the penultimate only);
    ``test_lag_p50_s`` / ``p99`` = drift row written − the wall time the window could close
    (its end plus the lateness), over the phase's windows; ``alerts_opened`` counts
    distribution-shift alerts opened on attacked and on clean models.
@@ -94,6 +95,7 @@ from streams.kafka import ensure_topics  # noqa: E402
 from streams.repartition import murmur2_partition  # noqa: E402
 from streams.rows import now_ms  # noqa: E402
 from streams.settings import Settings  # noqa: E402
+from streams.stages.references import drift_layers  # noqa: E402
 from streams.stack import LocalStack  # noqa: E402
 from workers.windows import window_id, window_starts  # noqa: E402
 
@@ -299,7 +301,9 @@ def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bo
     paced = asyncio.run(publish_paced(fleet, bootstrap, settings.topic("predictions"), opts.partitions, tag,
                                       opts.paced_rate, opts.paced_seconds, opts.paced_batch))
     paced_end = now_ms()
-    due = due_windows(paced["sent"], settings, paced_end, list(fleet.dims))
+    # the layers the workers test (LW_DRIFT_LAYERS, default the penultimate only): the others have no drift row
+    tested_layers = list(drift_layers(dict.fromkeys(fleet.dims), os.environ.get("LW_DRIFT_LAYERS", settings.drift_layers)))
+    due = due_windows(paced["sent"], settings, paced_end, tested_layers)
     # wait for the drift rows of the due windows (or until none came for four window steps)
     deadline, last_n, stable_since = time.monotonic() + opts.drain_timeout, -1, time.monotonic()
     while time.monotonic() < deadline:
