@@ -43,6 +43,7 @@ class WindowTests:
 
     async def stop(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.references.close()
 
     async def handle(self, events: Sequence[Any]) -> None:
         """Decode, test and publish the results of one step's window records (bad records dead-lettered)."""

@@ -40,21 +40,24 @@ _EPS = 1e-12
 @dataclass
 class _LayerModel:
     means: np.ndarray  # (C, d) class means (global mean for classes absent from the fold)
-    precision: np.ndarray  # (d, d)
     classes: np.ndarray  # (C,) class labels of the rows of means
-    whiten: np.ndarray  # (d, d) float32 W with W Wᵀ = precision: Mahalanobis distance = Euclidean after x @ W
+    whiten: np.ndarray  # (d, d) float32 W = L⁻ᵀ for the shrunk covariance L Lᵀ: Mahalanobis = Euclidean after x @ W
     whitened_means: np.ndarray  # (C, d) float32 means @ W
 
 
 def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
+    from scipy.linalg import cholesky, solve_triangular
     from sklearn.covariance import LedoitWolf
 
     classes = np.unique(y)
     means = np.stack([x[y == c].mean(0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
-    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-    whiten = np.linalg.cholesky(precision)
-    return _LayerModel(means=means, precision=precision, classes=classes, whiten=whiten.astype(np.float32),
+    # the shrunk covariance is positive definite: its Cholesky factor gives the whitening directly
+    # (sklearn's precision_ would be an eigendecomposition, ten times slower at 512 dimensions)
+    covariance = LedoitWolf(assume_centered=True, store_precision=False).fit(centred).covariance_
+    lower = cholesky(covariance, lower=True)
+    whiten = solve_triangular(lower, np.eye(len(covariance)), lower=True).T
+    return _LayerModel(means=means, classes=classes, whiten=whiten.astype(np.float32),
                        whitened_means=(means @ whiten).astype(np.float32))
 
 

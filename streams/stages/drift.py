@@ -147,6 +147,7 @@ class DriftStage:
         for task in self._tasks:
             task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.references.close()
 
     def health(self) -> str:
         return ""
