@@ -31,7 +31,9 @@ one Debian clickhouse-server (started once), fresh worker(s) with every agent on
    tested layers: ``LW_DRIFT_LAYERS``, by default the penultimate only);
    ``test_lag_p50_s`` / ``p99`` = drift row written − the wall time the window could close
    (its end plus the lateness), over the phase's windows; ``alerts_opened`` counts
-   distribution-shift alerts opened on attacked and on clean models.
+   distribution-shift alerts opened on attacked and on clean models, ``hidden_attack_alerts``
+   the models with a hidden_attack alert (the whole-model shift is the distribution-shift
+   alert's, so attacked models should have none either).
 
 ``worker_rss_mib`` is the largest resident set of a worker seen during the run. Helpers (broker
 and ClickHouse start-up, producer, CPU sampler, raw consumer) are bench/pipeline.py's. The
@@ -320,14 +322,15 @@ def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bo
     tested_keys = [k for k in due if k in arrived]
     lags = np.array([(arrived[k] - due[k] - 1000) / 1000 for k in tested_keys]) if tested_keys else np.zeros(0)
 
-    def opened_alerts() -> dict[str, int]:
-        rows = query(url, "SELECT model_id, count() FROM alerts FINAL WHERE kind = 'distribution_shift' "
-                          "AND state = 'open' AND ts_ms >= {t} GROUP BY model_id", {"t": paced["sent"][0][1]})
+    def opened_alerts(kind: str = "distribution_shift") -> dict[str, int]:
+        rows = query(url, "SELECT model_id, count() FROM alerts FINAL WHERE kind = {k} "
+                          "AND state = 'open' AND ts_ms >= {t} GROUP BY model_id", {"k": kind, "t": paced["sent"][0][1]})
         return {r[0]: int(r[1]) for r in rows}
 
     deadline = time.monotonic() + 30  # the alerts agent follows the drift rows
     while not all(m in (opened := opened_alerts()) for m in fleet.attacked) and time.monotonic() < deadline:
         time.sleep(2.0)
+    hidden = opened_alerts("hidden_attack")
     # window tests (model, window id) of the phase's due windows, over the phase from its first publish
     due_windows_n = len({(m, w) for m, _, w in due})
     tested_windows = {(m, w) for m, _, w in tested_keys}
@@ -352,6 +355,8 @@ def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bo
                           "attacked_models_alerted": sum(1 for m in fleet.attacked if opened.get(m)),
                           "clean": sum(n for m, n in opened.items() if m not in fleet.attacked),
                           "clean_models_alerted": sorted(m for m in opened if m not in fleet.attacked)},
+        "hidden_attack_alerts": {"attacked_models": sorted(m for m in hidden if m in fleet.attacked),
+                                 "clean_models": sorted(m for m in hidden if m not in fleet.attacked)},
         "test_seconds_mean": (sum(metric_sum(u, "layerwatch_window_test_duration_seconds_sum") for u in metric_urls)
                               / max(1.0, sum(metric_sum(u, "layerwatch_window_test_duration_seconds_count") for u in metric_urls))),
     }
