@@ -199,8 +199,10 @@ class Monitor:
         out, mats = self.tap.forward(x)
         outputs = first_tensor(out).detach()
         # the caller owns the outputs: copy them; named layers are copies already, and the penultimate
-        # matrix is the model's own head input, copied only when the model hands it to the caller too
-        if self.tap.penultimate_module is not None and not isinstance(out, torch.Tensor) and _shares(out, mats[0]):
+        # matrix is the model's own head input, copied only when the model hands it to the caller too,
+        # or when it is a view of a larger tensor (a [CLS] row of (n, seq, d) would keep it all queued)
+        if self.tap.penultimate_module is not None and (_is_slice(mats[0]) or (
+                not isinstance(out, torch.Tensor) and _shares(out, mats[0]))):
             mats = [mats[0].clone(), *mats[1:]]
         self._put([outputs.reshape(outputs.shape[0], -1).clone(), *mats], client_id, request_ids)
         return out
@@ -475,6 +477,11 @@ class Monitor:
 
     def __repr__(self) -> str:
         return f"Monitor({self.model_id!r}, version={self.model_version!r}, layers={self._layer_names}, bootstrap={self.bootstrap!r})"
+
+
+def _is_slice(t: torch.Tensor) -> bool:
+    """Is ``t`` a view of a larger block of memory (which holding ``t`` would keep alive)?"""
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
 def _shares(out: Any, t: torch.Tensor) -> bool:

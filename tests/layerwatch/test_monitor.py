@@ -184,6 +184,31 @@ class Embedder(nn.Module):
         return self.head(h), h
 
 
+class ClsHead(nn.Module):
+    """A transformer-style head: the classifier reads the first token of (n, seq, d) hidden states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, 0])
+
+
+def test_a_penultimate_view_of_a_larger_tensor_is_copied_not_kept() -> None:
+    """Queued rows must not keep a model's whole hidden state alive (memory bounded by the queue)."""
+    monitor = Monitor(ClsHead().eval(), "cls", bootstrap=_dead_bootstrap(), actions=False)
+    try:
+        with torch.inference_mode():
+            monitor(torch.randn(4, 128, 8))
+        (entry,) = list(monitor._queue)
+        penultimate = entry.parts[1]
+        assert penultimate.shape == (4, 8)
+        assert penultimate.untyped_storage().nbytes() == penultimate.numel() * penultimate.element_size()
+    finally:
+        monitor.close(timeout=0.2)
+
+
 @pytest.mark.integration
 def test_published_rows_are_what_the_model_computed_even_if_the_caller_changes_them(broker: str) -> None:
     """The penultimate matrix is held by reference until sent: a model that returns it is copied first."""
