@@ -202,16 +202,16 @@ def test_a_penultimate_view_of_a_larger_tensor_is_copied_not_kept() -> None:
         with torch.inference_mode():
             monitor(torch.randn(4, 128, 8))
         (entry,) = list(monitor._queue)
-        penultimate = entry.parts[1]
-        assert penultimate.shape == (4, 8)
-        assert penultimate.untyped_storage().nbytes() == penultimate.numel() * penultimate.element_size()
+        assert entry.rows.shape == (4, 3 + 8)  # outputs, then the penultimate, copied together
+        assert entry.rows.untyped_storage().nbytes() == entry.rows.numel() * entry.rows.element_size()
     finally:
         monitor.close(timeout=0.2)
 
 
 @pytest.mark.integration
 def test_published_rows_are_what_the_model_computed_even_if_the_caller_changes_them(broker: str) -> None:
-    """The penultimate matrix is held by reference until sent: a model that returns it is copied first."""
+    """The tap holds the penultimate matrix by reference during the forward pass; it is copied before
+    monitor() returns, so what the caller does with the tensors it gets back changes nothing."""
     settings = _settings(broker)
     net = Embedder().eval()
     x = torch.randn(5, 6)
