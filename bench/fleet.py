@@ -608,6 +608,11 @@ def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: An
                 break
             time.sleep(1.0)
         result["warm_models_tested"] = fitted
+        # the hidden-attack tests are fitted after the drift tests, in a thread of their own: wait for them,
+        # so the throughput phase measures the steady state, not a worker's start-up
+        while time.monotonic() < deadline and sum(metric_sum(u, "layerwatch_hidden_fits_pending")
+                                                  for _, u in workers + pool) > 0:
+            time.sleep(1.0)
         # 2. throughput: a backlog published while the workers are stopped, then drained
         step_ms = 1000 * opts.batch / opts.event_rate
         backlog, per_model = [], {}

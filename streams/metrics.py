@@ -80,6 +80,8 @@ class Metrics:
         self.test_batch = Histogram("layerwatch_drift_test_batch_windows", "Windows tested together in one batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.drift_queue = Gauge("layerwatch_drift_queue_windows", "Closed windows waiting for a test", registry=r)
+        self.hidden_fits = Gauge("layerwatch_hidden_fits_pending",
+                                 "References whose hidden-attack tests are being fitted (no count rows yet)", registry=r)
         self.test_seconds = Histogram(
             "layerwatch_window_test_duration_seconds", "Wall time of one window's drift tests",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,

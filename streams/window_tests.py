@@ -33,7 +33,7 @@ class WindowTests:
 
     def __init__(self, runtime: Any):
         self.runtime, self.settings, self.metrics = runtime, runtime.settings, runtime.metrics
-        self.references = ReferenceCache(runtime.settings, runtime.writer)
+        self.references = ReferenceCache(runtime.settings, runtime.writer, runtime.metrics)
         self.options = analysis_options(runtime.settings)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-tests")
         self.tested = 0

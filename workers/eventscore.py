@@ -115,16 +115,21 @@ class EventScorer:
             raise ValueError(f"the reference needs at least {2 * folds} rows")
         fold = np.random.default_rng(seed).permutation(n) % folds
         log_cal = np.empty((len(self.layers), n))
+        # new events are scored by the same fold models (event i by model i mod folds): fitted on
+        # 4/5 of the reference, as the calibration rows' were, so the two score distributions match
+        # even where rows are few for the dimension (300 rows at 512 dims: a model refitted on every
+        # row flags twice the calibrated rate)
+        self._folds: list[dict[str, _LayerModel]] = []
         for f in range(folds):
             fit, held = fold != f, fold == f
+            self._folds.append({k: _fit_layer(xs[k][fit], y[fit]) for k in self.layers})
             for i, k in enumerate(self.layers):
-                log_cal[i, held] = np.log(_distance(_fit_layer(xs[k][fit], y[fit]), xs[k][held], y[held]) + _EPS)
+                log_cal[i, held] = np.log(_distance(self._folds[f][k], xs[k][held], y[held]) + _EPS)
         self.uses_outputs = outputs is not None
         if self.uses_outputs:
             log_cal = np.vstack([log_cal, _log_margin(outputs, n)[None, :]])
         self._center = log_cal.mean(1)
         self._scale = log_cal.std(1) + _EPS
-        self._models = {k: _fit_layer(xs[k], y) for k in self.layers}
         #: cross-fitted scores of the reference rows (their distribution estimates new clean events')
         self.calibration = self._combine(log_cal)
 
@@ -140,10 +145,13 @@ class EventScorer:
         missing = [k for k in self.layers if k not in layers]
         if missing:
             raise KeyError(f"missing layers {missing}")
-        log_d = np.stack([
-            np.log(_distance(self._models[k], np.asarray(layers[k], dtype=np.float64).reshape(len(y), -1), y) + _EPS)
-            for k in self.layers
-        ])
+        which = np.arange(len(y)) % len(self._folds)
+        log_d = np.empty((len(self.layers), len(y)))
+        for f, models in enumerate(self._folds):
+            rows = which == f
+            for i, k in enumerate(self.layers):
+                x = np.asarray(layers[k], dtype=np.float64).reshape(len(y), -1)[rows]
+                log_d[i, rows] = np.log(_distance(models[k], x, y[rows]) + _EPS)
         if self.uses_outputs:
             log_d = np.vstack([log_d, _log_margin(outputs, len(y))[None, :]])
         return self._combine(log_d)

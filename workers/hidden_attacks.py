@@ -194,7 +194,7 @@ class HiddenAttackTest:
 
     The per-event score is :class:`~workers.eventscore.EventScorer` (unsupervised: it needs
     no attack examples); its threshold flags about ``flag_rate`` of clean events, and the
-    clean rate the count test assumes is the calibration's median estimate of that rate.
+    clean rate the count test assumes is a 90% upper bound of that rate from the calibration.
     ``analyze`` answers, for one window: ``"count"``, the binomial test of the flagged
     events among all the window's rows, and one :class:`ClientTest` per client with at
     least ``min_client_events`` rows (count test on its own flags; MMD on its own rows
@@ -217,7 +217,9 @@ class HiddenAttackTest:
                  min_client_events: int = 20, tester: Any = None, rest_alpha: float = 0.001, seed: int = 0) -> None:
         self.scorer = EventScorer(reference, classes, seed=seed)
         self.threshold = self.scorer.threshold(flag_rate)
-        self.rate = min(max(rate_bound(*self.scorer.flag_rate(self.threshold)), 1e-6), 0.5)
+        # a 90% upper bound on the clean rate: a few hundred calibration rows leave it uncertain,
+        # and an underestimated rate pages on clean traffic
+        self.rate = min(max(rate_bound(*self.scorer.flag_rate(self.threshold), confidence=0.9), 1e-6), 0.5)
         self.min_client_events = int(min_client_events)
         self.tester = tester
         self.rest_alpha = float(rest_alpha)

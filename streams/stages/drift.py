@@ -108,7 +108,7 @@ class DriftStage:
         # windows closed in a burst (a backlog replayed after a restart) are tested one by one up to
         # two minutes' worth per key; only past that are they merged
         self.pending = Coalescer(capacity=s.window_max_samples, max_pending=max(1, int(120 / s.window_step_s)))
-        self.references = ReferenceCache(s, runtime.writer)
+        self.references = ReferenceCache(s, runtime.writer, runtime.metrics)
         self.bootstrap = ReferenceBootstrap(s, runtime.writer, self.references)
         self.options = analysis_options(s)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-mmd")

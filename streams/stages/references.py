@@ -90,13 +90,17 @@ class ReferenceCache:
     rows begin with its first window after that fit (a few tenths of a second per model).
     """
 
-    def __init__(self, settings: Any, writer: StoreWriter):
-        self.settings, self.writer = settings, writer
+    def __init__(self, settings: Any, writer: StoreWriter, metrics: Any = None):
+        self.settings, self.writer, self.metrics = settings, writer, metrics
         self._hidden_fits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-hidden-fit")
         self.factory = load(settings.drift_test, BUILTIN_TESTS, "LW_DRIFT_TEST")
         self._cache: dict[Key, Reference] = {}
         self._stale: set[Key] = set()
         self._warned: set[Key] = set()
+
+    def _pending(self, change: int) -> None:
+        if self.metrics is not None:
+            self.metrics.hidden_fits.inc(change)
 
     def close(self) -> None:
         self._hidden_fits.shutdown(wait=False, cancel_futures=True)
@@ -131,8 +135,14 @@ class ReferenceCache:
         reference = Reference(test, tuple(layers), len(classes), now_ms())
         if s.hidden_attack_tests:
             fit = loop.run_in_executor(self._hidden_fits, fit_hidden, layers, classes, s)
-            fit.add_done_callback(lambda f: setattr(reference, "hidden", f.result())
-                                  if not f.cancelled() and f.exception() is None else None)
+            self._pending(+1)
+
+            def fitted(f: asyncio.Future) -> None:
+                self._pending(-1)
+                if not f.cancelled() and f.exception() is None:
+                    reference.hidden = f.result()
+
+            fit.add_done_callback(fitted)
         self._cache[key] = reference
         log.info("reference for %s@%s: %d events, layers %s", key[0], key[1], reference.n, ", ".join(layers))
         return reference
