@@ -41,7 +41,7 @@ _EPS = 1e-12
 class _LayerModel:
     means: np.ndarray  # (C, d) class means (global mean for classes absent from the fold)
     classes: np.ndarray  # (C,) class labels of the rows of means
-    whiten: np.ndarray  # (d, d) float32 W = L⁻ᵀ for the shrunk covariance L Lᵀ: Mahalanobis = Euclidean after x @ W
+    whiten: np.ndarray  # (d, d) float16 W = L⁻ᵀ for the shrunk covariance L Lᵀ: Mahalanobis = Euclidean after x @ W
     whitened_means: np.ndarray  # (C, d) float32 means @ W
 
 
@@ -57,14 +57,15 @@ def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
     covariance = LedoitWolf(assume_centered=True, store_precision=False).fit(centred).covariance_
     lower = cholesky(covariance, lower=True)
     whiten = solve_triangular(lower, np.eye(len(covariance)), lower=True).T
-    return _LayerModel(means=means, classes=classes, whiten=whiten.astype(np.float32),
+    # float16 at rest: a fleet worker holds one (d, d) matrix per fold, layer and model (0.5 MB at 512 dims)
+    return _LayerModel(means=means, classes=classes, whiten=whiten.astype(np.float16),
                        whitened_means=(means @ whiten).astype(np.float32))
 
 
 def _distance(model: _LayerModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Squared Mahalanobis distance of each row to its class mean (the nearest mean for unknown classes)."""
     # one float32 (n, d) x (d, d) product (the cost at d = 512), no (n, C, d) tensor
-    z, mz = np.asarray(x, dtype=np.float32) @ model.whiten, model.whitened_means
+    z, mz = np.asarray(x, dtype=np.float32) @ model.whiten.astype(np.float32), model.whitened_means
     d2 = np.maximum((z * z).sum(1)[:, None] - 2.0 * z @ mz.T + (mz * mz).sum(1)[None, :], 0.0).astype(np.float64)
     pos = np.searchsorted(model.classes, y).clip(0, len(model.classes) - 1)
     known = model.classes[pos] == y

@@ -214,8 +214,9 @@ class HiddenAttackTest:
     """
 
     def __init__(self, reference: Mapping[str, np.ndarray], classes: np.ndarray, *, flag_rate: float = 0.02,
-                 min_client_events: int = 20, tester: Any = None, rest_alpha: float = 0.001, seed: int = 0) -> None:
-        self.scorer = EventScorer(reference, classes, seed=seed)
+                 min_client_events: int = 20, tester: Any = None, rest_alpha: float = 0.001, folds: int = 3,
+                 seed: int = 0) -> None:
+        self.scorer = EventScorer(reference, classes, folds=folds, seed=seed)
         self.threshold = self.scorer.threshold(flag_rate)
         # a 90% upper bound on the clean rate: a few hundred calibration rows leave it uncertain,
         # and an underestimated rate pages on clean traffic
