@@ -39,9 +39,14 @@ def fit_hidden(layers: Mapping[str, np.ndarray], classes: np.ndarray, settings: 
     """The hidden-attack tests of a reference, or None when they are off or cannot be fitted (logged)."""
     if not settings.hidden_attack_tests:
         return None
+    from threadpoolctl import threadpool_limits
+
     try:
-        return HiddenAttackTest(layers, classes, flag_rate=settings.event_flag_rate,
-                                min_client_events=settings.client_min_events, rest_alpha=settings.count_alpha)
+        # one BLAS thread: the fit runs beside the test thread, and on a small machine a second pool of
+        # BLAS threads only takes cores from the window tests
+        with threadpool_limits(limits=1, user_api="blas"):
+            return HiddenAttackTest(layers, classes, flag_rate=settings.event_flag_rate,
+                                    min_client_events=settings.client_min_events, rest_alpha=settings.count_alpha)
     except (ValueError, np.linalg.LinAlgError) as exc:
         log.warning("hidden-attack tests off for this reference (%s)", exc)
         return None
