@@ -150,7 +150,9 @@ def test_fastapi_app_is_monitored_end_to_end(broker: str, chdb_url: str, tmp_pat
             return {m["model_id"]: m for m in body["models"]}
 
         seen = wait_until(lambda: (m := models()) and {"offline", "newcomer", "bootstrapped"} <= set(m)
-                          and m["offline"]["versions"][0]["reference"] and m["bootstrapped"]["versions"][0]["reference"]
+                          and m["offline"]["versions"][0]["reference"]
+                          # the source row lands after the reference rows: wait for both
+                          and (m["bootstrapped"]["versions"][0]["reference"] or {}).get("source") == "bootstrap"
                           and m, timeout=60, message="the models overview to list every model")
         (tab,) = seen["tabular-mlp"]["versions"]
         assert (tab["version"], tab["status"], tab["events"]) == ("1", "monitored", total)
