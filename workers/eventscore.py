@@ -39,10 +39,9 @@ _EPS = 1e-12
 
 @dataclass
 class _LayerModel:
-    means: np.ndarray  # (C, d) class means (global mean for classes absent from the fold)
     classes: np.ndarray  # (C,) class labels of the rows of means
     whiten: np.ndarray  # (d, d) float16 W = L⁻ᵀ for the shrunk covariance L Lᵀ: Mahalanobis = Euclidean after x @ W
-    whitened_means: np.ndarray  # (C, d) float32 means @ W
+    whitened_means: np.ndarray  # (C, d) float32 class means @ W
 
 
 def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
@@ -58,7 +57,7 @@ def _fit_layer(x: np.ndarray, y: np.ndarray) -> _LayerModel:
     lower = cholesky(covariance, lower=True)
     whiten = solve_triangular(lower, np.eye(len(covariance)), lower=True).T
     # float16 at rest: a fleet worker holds one (d, d) matrix per fold, layer and model (0.5 MB at 512 dims)
-    return _LayerModel(means=means, classes=classes, whiten=whiten.astype(np.float16),
+    return _LayerModel(classes=classes, whiten=whiten.astype(np.float16),
                        whitened_means=(means @ whiten).astype(np.float32))
 
 
@@ -146,13 +145,13 @@ class EventScorer:
         missing = [k for k in self.layers if k not in layers]
         if missing:
             raise KeyError(f"missing layers {missing}")
+        xs = [np.asarray(layers[k], dtype=np.float32).reshape(len(y), -1) for k in self.layers]
         which = np.arange(len(y)) % len(self._folds)
         log_d = np.empty((len(self.layers), len(y)))
         for f, models in enumerate(self._folds):
             rows = which == f
             for i, k in enumerate(self.layers):
-                x = np.asarray(layers[k], dtype=np.float64).reshape(len(y), -1)[rows]
-                log_d[i, rows] = np.log(_distance(models[k], x, y[rows]) + _EPS)
+                log_d[i, rows] = np.log(_distance(models[k], xs[i][rows], y[rows]) + _EPS)
         if self.uses_outputs:
             log_d = np.vstack([log_d, _log_margin(outputs, len(y))[None, :]])
         return self._combine(log_d)

@@ -197,8 +197,7 @@ class HiddenAttackTest:
     clean rate the count test assumes is a 90% upper bound of that rate from the calibration.
     ``analyze`` answers, for one window: ``"count"``, the binomial test of the flagged
     events among all the window's rows, and one :class:`ClientTest` per client with at
-    least ``min_client_events`` rows (count test on its own flags; MMD on its own rows
-    when ``tester`` is given) that stands out: the count test of the *other* clients'
+    least ``min_client_events`` rows (count test on its own flags) that stands out: the count test of the *other* clients'
     events stays above ``rest_alpha`` (when the whole model shifts, every client is flagged
     and singling one out would page once per client for one incident).
 
@@ -214,15 +213,13 @@ class HiddenAttackTest:
     """
 
     def __init__(self, reference: Mapping[str, np.ndarray], classes: np.ndarray, *, flag_rate: float = 0.02,
-                 min_client_events: int = 20, tester: Any = None, rest_alpha: float = 0.001, folds: int = 3,
-                 seed: int = 0) -> None:
+                 min_client_events: int = 20, rest_alpha: float = 0.001, folds: int = 3, seed: int = 0) -> None:
         self.scorer = EventScorer(reference, classes, folds=folds, seed=seed)
         self.threshold = self.scorer.threshold(flag_rate)
         # a 90% upper bound on the clean rate: a few hundred calibration rows leave it uncertain,
         # and an underestimated rate pages on clean traffic
         self.rate = min(max(rate_bound(*self.scorer.flag_rate(self.threshold), confidence=0.9), 1e-6), 0.5)
         self.min_client_events = int(min_client_events)
-        self.tester = tester
         self.rest_alpha = float(rest_alpha)
 
     def analyze(self, layers: Mapping[str, np.ndarray], classes: np.ndarray,
@@ -238,9 +235,7 @@ class HiddenAttackTest:
         count = Verdict(float(k), float(count_test(k, n, self.rate)), k / n if n else 0.0, top, scores[top])
         clients: list[ClientTest] = []
         if client_ids is not None and len(client_ids) == n and n >= self.min_client_events:
-            clients = heavy_client_tests(client_ids, self.min_client_events, tester=self.tester,
-                                         layers=layers if self.tester is not None else None, flags=flags,
-                                         rate=self.rate)
+            clients = heavy_client_tests(client_ids, self.min_client_events, flags=flags, rate=self.rate)
             # a client stands out only while the rest of the window looks clean: when every client's
             # events are flagged (the whole model shifted) no client is singled out
             clients = [c for c in clients if float(count_test(k - c.flagged, n - c.n, self.rate)) > self.rest_alpha]

@@ -20,19 +20,19 @@ class AlertFeed:
 
     async def handle(self, name: str, record: dict[str, Any]) -> None:
         rules = self.hub.rules
-        if name == "DriftResult" and record["layer"] == COMBINED:
+        if name == "DriftResult":
+            layer, model, window = record["layer"], record["model_id"], record["window_id"]
             top = [s["event_id"] for s in record["top_samples"]]
-            await self.hub.publish(rules.on_drift(record["model_id"], record["window_id"], record["window_end_ms"],
-                                                  record["detection_rate"], top))
-        elif name == "DriftResult" and record["layer"] == COUNT:
-            top = [s["event_id"] for s in record["top_samples"]]
-            await self.hub.publish(rules.on_count(record["model_id"], record["window_id"], record["window_end_ms"],
-                                                  record["p_value"], int(record["mmd2"]), record["n_window"], top))
-        elif name == "DriftResult" and record["layer"].startswith(CLIENT_PREFIX):
-            top = [s["event_id"] for s in record["top_samples"]]
-            await self.hub.publish(rules.on_client(record["model_id"], record["layer"][len(CLIENT_PREFIX):],
-                                                   record["window_id"], record["window_end_ms"], record["p_value"],
-                                                   int(record["mmd2"]), record["n_window"], top))
+            if layer == COMBINED:
+                await self.hub.publish(rules.on_drift(model, window, record["window_end_ms"],
+                                                      record["detection_rate"], top))
+            elif layer == COUNT:
+                await self.hub.publish(rules.on_count(model, window, record["window_end_ms"], record["p_value"],
+                                                      int(record["mmd2"]), record["n_window"], top))
+            elif layer.startswith(CLIENT_PREFIX):
+                await self.hub.publish(rules.on_client(model, layer[len(CLIENT_PREFIX):], window,
+                                                       record["window_end_ms"], record["p_value"],
+                                                       int(record["mmd2"]), record["n_window"], top))
         elif name == "AttackLabels":
             for verdict in self.tally.add(labels_from_record(record)):
                 await self.hub.publish(rules.on_labels(*verdict))

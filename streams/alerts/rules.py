@@ -165,7 +165,7 @@ class AlertRules:
         self._client_hits: dict[tuple[str, str], deque] = {}  # (model, client) -> (window id, end ms) of positives
         self._streaks: dict[tuple[str, str], _Streak] = {}
         # per-client alerts: (model, client, kind) -> (open event, last ts)
-        self._probing: dict[tuple[str, str, str], tuple[AlertEvent, int]] = {}
+        self._per_client: dict[tuple[str, str, str], tuple[AlertEvent, int]] = {}
 
     # -- window-based alerts
     def _step(
@@ -295,12 +295,18 @@ class AlertRules:
                           opening, closing)
 
     # -- client-based alerts
+    def _refresh(self, key: tuple[str, str, str], ts_ms: int) -> bool:
+        """Is this per-client alert open? If so, move its last sighting to ``ts_ms`` (it expires later)."""
+        if key not in self._per_client:
+            return False
+        opened, last = self._per_client[key]
+        self._per_client[key] = (opened, max(last, int(ts_ms)))
+        return True
+
     def on_probing(self, model_id: str, client_id: str, ts_ms: int, count: int) -> list[AlertEvent]:
         """A probing hit for a client: opens its alert, or only refreshes an alert already open."""
         key = (model_id, client_id, "probing")
-        if key in self._probing:
-            opened, last = self._probing[key]
-            self._probing[key] = (opened, max(last, int(ts_ms)))
+        if self._refresh(key, ts_ms):
             return []
         event = AlertEvent(
             alert_id(model_id, "probing", f"{client_id}@{int(ts_ms)}"), int(ts_ms), model_id, "probing", "open",
@@ -308,7 +314,7 @@ class AlertRules:
             message=(f"probing on model {model_id}: client {client_id} sent {count} near-duplicate queries "
                      f"at {_hms(ts_ms)} UTC"),
         )
-        self._probing[key] = (event, int(ts_ms))
+        self._per_client[key] = (event, int(ts_ms))
         return [event]
 
     def on_client(self, model_id: str, client_id: str, window_id: str, ts_ms: int, p_value: float,
@@ -318,9 +324,7 @@ class AlertRules:
         if float(p_value) > self.count_alpha:
             return []
         key = (model_id, client_id, "hidden_attack")
-        if key in self._probing:  # already open: refresh it
-            opened, last = self._probing[key]
-            self._probing[key] = (opened, max(last, int(ts_ms)))
+        if self._refresh(key, ts_ms):
             return []
         hits = self._client_hits.setdefault(key[:2], deque(maxlen=self.consecutive))
         if any(w == window_id for w, _ in hits):
@@ -337,7 +341,7 @@ class AlertRules:
                      f"{n_client} sampled events flagged (adjusted p = {float(p_value):.1e}) in {self.consecutive} "
                      f"windows, the last ending {_hms(ts_ms)} UTC"),
         )
-        self._probing[key] = (event, int(ts_ms))
+        self._per_client[key] = (event, int(ts_ms))
         return [event]
 
     def expire(self, now_ms: int, quiet_s: float) -> list[AlertEvent]:
@@ -345,9 +349,9 @@ class AlertRules:
         seconds before ``now_ms``."""
         quiet_ms = int(round(quiet_s * 1000))
         out: list[AlertEvent] = []
-        for key, (opened, last) in list(self._probing.items()):
+        for key, (opened, last) in list(self._per_client.items()):
             if last + quiet_ms <= now_ms:
-                del self._probing[key]
+                del self._per_client[key]
                 what = "probing" if opened.kind == "probing" else "attack hidden in traffic"
                 out.append(AlertEvent(
                     opened.alert_id, int(now_ms), opened.model_id, opened.kind, "resolved", "info",
@@ -366,9 +370,9 @@ class AlertRules:
         for e in events:
             if e.client_id:  # per-client alerts: probing, and hidden_attack naming a client
                 if e.state == "open":
-                    self._probing[(e.model_id, e.client_id, e.kind)] = (e, int(e.ts_ms))
+                    self._per_client[(e.model_id, e.client_id, e.kind)] = (e, int(e.ts_ms))
                 else:
-                    self._probing.pop((e.model_id, e.client_id, e.kind), None)
+                    self._per_client.pop((e.model_id, e.client_id, e.kind), None)
                 continue
             st = self._streaks.setdefault((e.model_id, e.kind), _Streak())
             if e.state == "open":
@@ -381,5 +385,5 @@ class AlertRules:
     def open_alerts(self) -> list[AlertEvent]:
         """The opening events of every alert still open, oldest first."""
         events = [st.open for st in self._streaks.values() if st.open is not None]
-        events += [opened for opened, _ in self._probing.values()]
+        events += [opened for opened, _ in self._per_client.values()]
         return sorted(events, key=lambda e: (e.ts_ms, e.alert_id))

@@ -84,11 +84,11 @@ def drift_records(window: Any, reference: Reference, analysis: WindowAnalysis, s
     if hidden is not None:
         count, clients = hidden
         records.append(record(COUNT, count))
-        ids = np.asarray(window.client_ids).astype(str)
-        for c in clients:
-            if c.p_adjusted <= settings.alpha:
-                verdict = Verdict(float(c.flagged), c.p_adjusted, c.flagged / c.n, count.top_rows, count.top_scores)
-                records.append({**record(CLIENT_PREFIX + c.client, verdict, ids == c.client), "n_window": c.n})
+        shown = [c for c in clients if c.p_adjusted <= settings.alpha]
+        ids = np.asarray(window.client_ids).astype(str) if shown else None
+        for c in shown:
+            verdict = Verdict(float(c.flagged), c.p_adjusted, c.flagged / c.n, count.top_rows, count.top_scores)
+            records.append({**record(CLIENT_PREFIX + c.client, verdict, ids == c.client), "n_window": c.n})
     return records
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from streams.plugins import load
 from streams.rows import now_ms
@@ -39,8 +40,6 @@ def fit_hidden(layers: Mapping[str, np.ndarray], classes: np.ndarray, settings: 
     """The hidden-attack tests of a reference, or None when they are off or cannot be fitted (logged)."""
     if not settings.hidden_attack_tests:
         return None
-    from threadpoolctl import threadpool_limits
-
     try:
         # one BLAS thread: the fit runs beside the test thread, and on a small machine a second pool of
         # BLAS threads only takes cores from the window tests
