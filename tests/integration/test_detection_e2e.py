@@ -1,7 +1,7 @@
 """The detection story end to end: reference, model server, worker, clean → PGD → clean traffic.
 
 Real services: the Tansu broker, the worker as a child process, the model server, and
-ClickHouse (server and chDB). Asserts what a user would check: clean windows stay
+the ClickHouse server (the embedded chDB store runs the same story in ``test_demo``). Asserts what a user would check: clean windows stay
 quiet, the attack is detected within three windows, exactly one alert opens and
 resolves, the probing client is throttled, and the shipped queries tell the same story.
 """
@@ -35,6 +35,7 @@ def _query(url: str, sql: str, **params) -> list[list]:
     return body["rows"]
 
 
+@pytest.mark.parametrize("store_url", ["server"], indirect=True)
 def test_pgd_attack_is_detected_alerted_and_queryable(broker, store_url, demo_state, tmp_path) -> None:
     prefix = f"e2e{next(_run)}."
     with LocalStack(state_dir=tmp_path / "stack", clickhouse_url=store_url, bootstrap=broker) as stack:

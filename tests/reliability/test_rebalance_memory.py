@@ -29,11 +29,16 @@ _run = itertools.count()
 MODELS = [f"model-{i}" for i in range(8)]
 
 
-def _gauge(url: str, name: str) -> float:
+def _gauges(url: str, *names: str) -> tuple[float, ...]:
+    """Several gauges from one scrape, so they describe the same moment (-1 when absent)."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    found = re.findall(rf"^{name} (\S+)$", text, re.MULTILINE)
-    return float(found[0]) if found else -1.0
+    found = [re.findall(rf"^{name} (\S+)$", text, re.MULTILINE) for name in names]
+    return tuple(float(f[0]) if f else -1.0 for f in found)
+
+
+def _gauge(url: str, name: str) -> float:
+    return _gauges(url, name)[0]
 
 
 def _rss_kib(pid: int) -> int:
@@ -74,16 +79,22 @@ def test_revoked_partitions_windows_are_dropped(broker, chdb_url, tmp_path) -> N
         # chDB is one process per path: B gets its own store (the test looks at windows, not rows)
         _, url_b = stack.start_worker("worker-b", LW_CLICKHOUSE_URL=f"chdb://{tmp_path / 'store-b'}")
 
-        def settled() -> bool:
-            ka, kb = _gauge(url_a, "layerwatch_window_keys"), _gauge(url_b, "layerwatch_window_keys")
-            return 1 <= ka < len(MODELS) and ka + kb == len(MODELS)
-
-        wait_until(settled, timeout=90, message="the rebalance to split the models between A and B")
-        keys_a = _gauge(url_a, "layerwatch_window_keys")
-        bytes_after, rss_after = _gauge(url_a, "layerwatch_window_bytes"), _rss_kib(a.process.pid)
-        assert keys_a in (len(by_partition[0]), len(by_partition[1]))
         per_key = bytes_before / len(MODELS)
-        # open windows differ a little in size between models; without the drop A would keep all of them
+        seen: dict[str, float] = {}
+
+        def settled() -> bool:
+            # a rebalance can come in several rounds (revoke all, assign, recover): wait for the split
+            # to hold A's remaining models' windows, not for a moment in between
+            ka, bytes_a = _gauges(url_a, "layerwatch_window_keys", "layerwatch_window_bytes")
+            kb = _gauge(url_b, "layerwatch_window_keys")
+            seen.update(keys_a=ka, bytes_a=bytes_a, keys_b=kb)
+            # open windows differ a little in size between models; without the drop A would keep all of them
+            return (1 <= ka < len(MODELS) and ka + kb == len(MODELS)
+                    and abs(bytes_a - per_key * ka) <= 0.15 * per_key * ka)
+
+        wait_until(settled, timeout=90, message="A to hold only its remaining models' windows")
+        keys_a, bytes_after, rss_after = seen["keys_a"], seen["bytes_a"], _rss_kib(a.process.pid)
+        assert keys_a in (len(by_partition[0]), len(by_partition[1]))
         assert bytes_after == pytest.approx(per_key * keys_a, rel=0.15)
         print(f"\nworker A window memory: {bytes_before / 1024:.0f} KiB for {len(MODELS)} models before B joined, "
               f"{bytes_after / 1024:.0f} KiB for {keys_a:.0f} after the rebalance; "
