@@ -20,7 +20,9 @@ one Debian clickhouse-server (started once), fresh worker(s) with every agent on
    aiokafka consumer of the same records in the same run, ``ratio`` the quotient;
    ``probing_us_per_prediction`` is the probing detector's own time over the rows it scored
    (``layerwatch_probing_seconds_total``);
-3. **windows on time**: ``--paced-seconds`` of traffic at ``--paced-rate`` predictions/s with
+3. **windows on time**: once the throughput backlog's windows are all tested (``backlog_tests_s``:
+   drift queues empty, hidden-attack fits done, a test pool's lag on ``lw.windows`` at zero),
+   ``--paced-seconds`` of traffic at ``--paced-rate`` predictions/s with
    event time = wall clock, so every model's windows close in real time; ``--attacked``
    models (spread over the Zipf ranks) get a mean shift of their activations for the second
    half. ``windows_due`` counts every (model, tested layer, window) of that phase with at least
@@ -33,7 +35,10 @@ one Debian clickhouse-server (started once), fresh worker(s) with every agent on
    (its end plus the lateness), over the phase's windows; ``alerts_opened`` counts
    distribution-shift alerts opened on attacked and on clean models, ``hidden_attack_alerts``
    the models with a hidden_attack alert (the whole-model shift is the distribution-shift
-   alert's, so attacked models should have none either).
+   alert's, so attacked models should have none either). ``test_lag_p99_s_second_half`` is the
+   p99 over the windows due in the phase's second half (a fresh test pool loads its references
+   in the first); with test workers, ``publish_lag_*`` (close → on ``lw.windows``) and
+   ``pool_lag_*`` (on ``lw.windows`` → DriftResult) say where the lag goes.
 
 ``worker_rss_mib`` is the largest resident set of a worker seen during the run. Helpers (broker
 and ClickHouse start-up, producer, CPU sampler, raw consumer) are bench/pipeline.py's. The
@@ -224,19 +229,34 @@ class DriftWatcher(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        from schemas.codec import decode
-
         while not self._stop_event.is_set():
             for batch in self.consumer.poll(timeout_ms=200).values():
                 at = now_ms()
                 for msg in batch:
-                    _, r = decode(msg.value)
-                    self.arrived.setdefault((r["model_id"], r["layer"], r["window_id"]), at)
+                    self.arrived.setdefault(self.key(msg.value), at)
         self.consumer.close()
+
+    @staticmethod
+    def key(value: bytes) -> tuple[str, ...]:
+        from schemas.codec import decode
+
+        _, r = decode(value)
+        return r["model_id"], r["layer"], r["window_id"]
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=10)
+
+
+class WindowWatcher(DriftWatcher):
+    """Wall time (ms) at which each closed window (model, window id) reaches ``lw.windows`` (split roles)."""
+
+    @staticmethod
+    def key(value: bytes) -> tuple[str, ...]:
+        from schemas.codec import decode
+
+        _, r = decode(value, expect="WindowSample")
+        return r["model_id"], r["window_id"]
 
 
 async def publish_paced(fleet: Fleet, bootstrap: str, topic: str, partitions: int, tag: str, rate: float,
@@ -294,12 +314,15 @@ def due_windows(sent: list[tuple[str, int, int]], settings: Settings, until_ms: 
 
 
 def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bootstrap: str, url: str,
-                  metric_urls: list[str], tag: str) -> dict[str, Any]:
+                  metric_urls: list[str], tag: str, split: bool = False) -> dict[str, Any]:
     """Phase 3: paced traffic, the windows due in it, those tested, the test lag and the alerts opened."""
     coalesced0 = sum(metric_sum(u, "layerwatch_windows_coalesced_total") for u in metric_urls)
     untested0 = sum(metric_sum(u, "layerwatch_windows_untested_total") for u in metric_urls)
     watcher = DriftWatcher(bootstrap, settings.topic("drift"))
     watcher.start()
+    published = WindowWatcher(bootstrap, settings.topic("windows")) if split else None
+    if published is not None:
+        published.start()
     paced = asyncio.run(publish_paced(fleet, bootstrap, settings.topic("predictions"), opts.partitions, tag,
                                       opts.paced_rate, opts.paced_seconds, opts.paced_batch))
     paced_end = now_ms()
@@ -321,6 +344,18 @@ def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bo
     arrived = dict(watcher.arrived)
     tested_keys = [k for k in due if k in arrived]
     lags = np.array([(arrived[k] - due[k] - 1000) / 1000 for k in tested_keys]) if tested_keys else np.zeros(0)
+    half = paced["sent"][0][1] + (paced_end - paced["sent"][0][1]) / 2
+    late_lags = np.array([(arrived[k] - due[k] - 1000) / 1000 for k in tested_keys if due[k] >= half])
+    stages: dict[str, Any] = {}
+    if published is not None:  # where the lag goes: close -> on lw.windows (ingest) -> drift row (test pool)
+        published.stop()
+        on_topic = {k: published.arrived.get((k[0], k[2])) for k in tested_keys}
+        both = [k for k, at in on_topic.items() if at is not None]
+        ingest = np.array([(on_topic[k] - due[k] - 1000) / 1000 for k in both]) if both else np.zeros(0)
+        tests = np.array([(arrived[k] - on_topic[k]) / 1000 for k in both]) if both else np.zeros(0)
+        for name, v in (("publish", ingest), ("pool", tests)):
+            stages[f"{name}_lag_p50_s"] = float(np.percentile(v, 50)) if v.size else float("nan")
+            stages[f"{name}_lag_p99_s"] = float(np.percentile(v, 99)) if v.size else float("nan")
 
     def opened_alerts(kind: str = "distribution_shift") -> dict[str, int]:
         rows = query(url, "SELECT model_id, count() FROM alerts FINAL WHERE kind = {k} "
@@ -349,6 +384,9 @@ def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bo
         "test_lag_p99_s": float(np.percentile(lags, 99)) if lags.size else float("nan"),
         "test_lag_p50_steps": float(np.percentile(lags, 50)) / settings.window_step_s if lags.size else float("nan"),
         "test_lag_p99_steps": float(np.percentile(lags, 99)) / settings.window_step_s if lags.size else float("nan"),
+        # the same over the windows due in the phase's second half: a fresh pool's reference loads are behind it
+        "test_lag_p99_s_second_half": float(np.percentile(late_lags, 99)) if late_lags.size else float("nan"),
+        **stages,
         "window_step_s": settings.window_step_s,
         "attacked": fleet.attacked,
         "alerts_opened": {"attacked": sum(opened.get(m, 0) for m in fleet.attacked),
@@ -389,6 +427,28 @@ def cpu_breakdown(sampler: CpuSampler, t0: float, t1: float) -> dict[str, Any]:
     wall = max(1e-9, t1 - t0)
     return {"wall_s": round(wall, 2), "machine_busy_s": round(machine, 2), "cores_available": os.cpu_count(),
             "cpu_s": seconds, "cores": {n: round(v / wall, 2) for n, v in seconds.items()}}
+
+
+def wait_backlog_tested(settings: Settings, worker_urls: list[str], pool_urls: list[str], timeout: float = 600) -> float:
+    """Seconds until the throughput backlog's windows are all tested, so phase 3 measures windows on time, not
+    a queue left over from phase 2: every worker's drift queue empty, no hidden-attack fit pending, and with a
+    test pool, its consumer lag on ``lw.windows`` at zero (refreshed every ``LW_LAG_INTERVAL_S``)."""
+    started = time.monotonic()
+    time.sleep(settings.window_size_s + settings.window_lateness_s + 1.0)  # a timer: the last windows close by the clock
+
+    def drained() -> bool:
+        queued = sum(metric_sum(u, "layerwatch_drift_queue_windows") + metric_sum(u, "layerwatch_hidden_fits_pending")
+                     for u in worker_urls + pool_urls)
+        lag = sum(metric_sum(u, "layerwatch_consumer_lag_records") for u in pool_urls)  # NaN while unknown
+        return queued == 0 and lag == 0
+
+    with console.status("waiting for the backlog's windows to be tested"):
+        while not drained():
+            if time.monotonic() - started > timeout:
+                console.print(f"[yellow]the backlog's windows were not all tested after {timeout:.0f} s")
+                break
+            time.sleep(1.0)
+    return round(time.monotonic() - started, 1)
 
 
 def spawn_test_workers(stack: LocalStack, k: int, env: dict[str, str], prefix: str) -> list[tuple[Any, str]]:
@@ -534,7 +594,7 @@ def test_pool(opts: argparse.Namespace, fleet: Fleet, stack: LocalStack, setting
         fleet.rng = np.random.default_rng(1)  # the same paced records for every K
         sampler = FleetCpu(base_pids | {c.name: c.process.pid for c, _ in pool}).start()
         r = paced_windows(opts, fleet, settings, stack.start_broker(), url, ingest_urls + [u for _, u in pool],
-                          f"{tag}p{k}")
+                          f"{tag}p{k}", split=True)
         sampler.stop()
         tested = {c.name: int(metric_sum(u, "layerwatch_windows_tested_total")) for c, u in pool}
         r |= {"test_workers": k, "tested_per_worker": tested,
@@ -573,7 +633,7 @@ def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: An
     store_url = server.url_for(f"lw_fleet_{os.getpid()}_{split}{workers_n}")
     env = {"LW_TOPIC_PREFIX": prefix, "LW_APP_ID": f"lw-fleet-{tag}", "LW_TOPIC_PARTITIONS": str(opts.partitions),
            "LW_REFERENCE_MAX": str(opts.reference), "LW_AGENTS": "ingest" if test_ks else "all",
-           "LW_MMD_PERMUTATIONS": str(opts.perms)}
+           "LW_MMD_PERMUTATIONS": str(opts.perms), "LW_LAG_INTERVAL_S": "1"}
     result: dict[str, Any] = {"workers": workers_n, "load_before": load()}
     if test_ks:
         result["agents"] = "ingest"
@@ -668,7 +728,7 @@ def run_fleet(opts: argparse.Namespace, fleet: Fleet, workers_n: int, server: An
         result["ceiling_per_s"] = (n_warm + pub["predictions"]) / raw["seconds"] if complete else float("nan")
         result["ratio"] = rate / result["ceiling_per_s"]
         # 3. windows on time: paced traffic with event time = wall clock, attacked models shifted mid-phase
-        time.sleep(2 * settings.window_step_s)  # the backlog's windows close by the wall clock and are tested
+        result["backlog_tests_s"] = wait_backlog_tested(settings, [u for _, u in workers], [u for _, u in pool])
         result["drift_rows_after_backlog"] = int(query(url, "SELECT count() FROM drift_windows")[0][0])
         if not test_ks:
             result.update(paced_windows(opts, fleet, settings, bootstrap, url, [u for _, u in workers], tag + "p"))
@@ -706,7 +766,8 @@ def report_pool(pool: dict[str, Any]) -> None:
     """The K = 1, 2, … comparison: capacity (re-testing the same lw.windows), then the paced phase."""
     table = Table(title=f"test workers (ingest workers: {pool['ingest_workers']})")
     for name in ("K", "tests/s", "× K=1", "cpu s/test", "cores: tests", "ingest", "broker", "clickhouse", "other",
-                 "paced tests/s", "due", "tested", "lag p50 s", "lag p99 s", "p99 steps"):
+                 "paced tests/s", "due", "tested", "lag p50 s", "lag p99 s", "p99 steps", "2nd half p99 s",
+                 "p99 s: publish", "pool"):
         table.add_column(name, justify="right")
     for cap, paced in zip(pool["capacity"], pool["paced"]):
         cores = cap["cores"]
@@ -716,7 +777,8 @@ def report_pool(pool: dict[str, Any]) -> None:
                       f"{paced['pool_window_tests_per_s']:.2f}",
                       f"{paced['window_tests_due']}", f"{paced['window_tests_done']}",
                       f"{paced['test_lag_p50_s']:.1f}", f"{paced['test_lag_p99_s']:.1f}",
-                      f"{paced['test_lag_p99_steps']:.2f}")
+                      f"{paced['test_lag_p99_steps']:.2f}", f"{paced['test_lag_p99_s_second_half']:.1f}",
+                      f"{paced.get('publish_lag_p99_s', float('nan')):.1f}", f"{paced.get('pool_lag_p99_s', float('nan')):.1f}")
     console.print(table)
 
 

@@ -30,9 +30,7 @@ def run_worker(settings: Settings, loglevel: str | None = None) -> int:
     from streams.logs import faust_logging_config, level_from_env, quiet_third_party
 
     if settings.torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)  # small kernels: extra threads only wait for a busy core
+        limit_threads(settings.torch_threads)
     ensure_topics(settings)
     try:
         (settings.state_path / "faust").mkdir(parents=True, exist_ok=True)  # Faust's datadir: it does not create it
@@ -66,3 +64,17 @@ def bounded_worker(worker_class: Any) -> Any:
             super()._schedule_shutdown(signal)
 
     return BoundedWorker
+
+
+def limit_threads(n: int) -> None:
+    """At most ``n`` torch intra-op threads and ``n`` numpy BLAS threads for this whole process.
+
+    Window-sized kernels gain nothing from more threads; BLAS threads spin while they wait, so
+    several stage threads (or several workers on one host) each calling a multi-threaded BLAS
+    oversubscribe the cores.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(n, user_api="blas")

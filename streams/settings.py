@@ -66,7 +66,7 @@ class Settings:
     sink_within_s: float = 0.5
     rebalance_timeout_s: float = 2.0
     lag_interval_s: float = 10.0  # how often the consumer-lag gauge is refreshed
-    torch_threads: int = 1  # intra-op threads for the MMD engine (0: torch's default)
+    torch_threads: int = 1  # torch intra-op and numpy BLAS threads (0: the libraries' defaults)
     # codec limits
     max_record_bytes: int = 32 * 1024 * 1024
     max_batch_rows: int = 65_536

@@ -52,6 +52,7 @@ __all__ = [
     "standardize_by_null",
     "COMBINATIONS",
     "combine_layers",
+    "combine_layers_all",
 ]
 
 #: The five bandwidths of LADIS: median × 2^f for f = -2..2.
@@ -426,22 +427,34 @@ def combine_layers(stats: torch.Tensor, method: str = "minp") -> torch.Tensor:
       issue 18): strong when every layer sees a little, diluted when one layer carries
       the signal.
     """
-    if method in ("minp", "fisher"):
+    if method not in COMBINATIONS:
+        raise ValueError(f"unknown combination {method!r}: use one of {', '.join(COMBINATIONS)}")
+    return combine_layers_all(stats, (method,))[method]
+
+
+def combine_layers_all(stats: torch.Tensor, methods: tuple[str, ...] = COMBINATIONS) -> dict[str, torch.Tensor]:
+    """:func:`combine_layers` for several methods at once: the per-layer p-values (one sort) and the
+    standardised statistics are computed once and shared."""
+    out: dict[str, torch.Tensor] = {}
+    if "minp" in methods or "fisher" in methods:
         p = column_p_values(stats)
         fisher = -p.log().sum(0)
-        if method == "fisher":
-            return fisher
-        # p-values are multiples of 1/(1+P): many splits share the smallest one, and ties
-        # count against the observed split. Fisher's sum breaks them (a symmetric function
-        # too, so the test stays exact), scaled below one step of 1/(1+P).
-        n = stats.shape[-1]
-        tie_break = fisher / (stats.shape[0] * math.log(n) + 1.0) / (2.0 * n)
-        return tie_break - p.amin(0)
-    if method == "max":
-        return standardize_by_null(stats).amax(0)
-    if method == "sum":
-        return standardize_by_null(stats).sum(0)
-    raise ValueError(f"unknown combination {method!r}: use one of {', '.join(COMBINATIONS)}")
+        if "fisher" in methods:
+            out["fisher"] = fisher
+        if "minp" in methods:
+            # p-values are multiples of 1/(1+P): many splits share the smallest one, and ties
+            # count against the observed split. Fisher's sum breaks them (a symmetric function
+            # too, so the test stays exact), scaled below one step of 1/(1+P).
+            n = stats.shape[-1]
+            tie_break = fisher / (stats.shape[0] * math.log(n) + 1.0) / (2.0 * n)
+            out["minp"] = tie_break - p.amin(0)
+    if "max" in methods or "sum" in methods:
+        z = standardize_by_null(stats)
+        if "max" in methods:
+            out["max"] = z.amax(0)
+        if "sum" in methods:
+            out["sum"] = z.sum(0)
+    return {m: out[m] for m in methods}
 
 
 def standardize_by_null(stats: torch.Tensor) -> torch.Tensor:

@@ -539,7 +539,7 @@ class MMDTester:
         }
         if not self._multi:
             return per_layer[_SINGLE]
-        combos = {method: km.combine_layers(stats, method) for method in km.COMBINATIONS}
+        combos = km.combine_layers_all(stats)
         p_all = {method: float(km.permutation_p_value(c)) for method, c in combos.items()}
         p_comb = p_all[self.combine]
         z_np = km.as_numpy(combos[self.combine])
@@ -776,7 +776,7 @@ class MMDTester:
         per_layer = {k: result(p_np[i].copy(), mmd_np[i].copy(), {}, stats[i]) for i, k in enumerate(names)}
         if not self._multi:
             return per_layer[_SINGLE]
-        combos = {method: km.combine_layers(stats, method) for method in km.COMBINATIONS}  # (R, 1+P) each
+        combos = km.combine_layers_all(stats)  # (R, 1+P) each
         p_all = {method: km.as_numpy(km.permutation_p_value(c)) for method, c in combos.items()}
         return result(p_all[self.combine], mmd_np.sum(0), per_layer, combos[self.combine],
                       combinations=p_all, method=self.combine)

@@ -20,6 +20,23 @@ def test_column_p_values_match_brute_force():
     np.testing.assert_allclose(p[..., 0], km.permutation_p_value(stats).numpy())
 
 
+def test_all_combinations_at_once_match_their_definitions():
+    rng = np.random.default_rng(1)
+    stats = torch.tensor(rng.normal(size=(3, 5, 41)))  # (layers, repeats, 1 + P)
+    p = column_p_values(stats)
+    z = km.standardize_by_null(stats)
+    fisher = -p.log().sum(0)
+    n = stats.shape[-1]
+    expected = {"fisher": fisher, "minp": fisher / (3 * np.log(n) + 1.0) / (2.0 * n) - p.amin(0),
+                "max": z.amax(0), "sum": z.sum(0)}
+    every = km.combine_layers_all(stats)
+    assert list(every) == list(COMBINATIONS)
+    for method in COMBINATIONS:
+        torch.testing.assert_close(every[method], expected[method])
+        torch.testing.assert_close(combine_layers(stats, method), expected[method])
+    assert list(km.combine_layers_all(stats, ("sum", "minp"))) == ["sum", "minp"]
+
+
 def test_unknown_combination_is_an_error():
     with pytest.raises(ValueError, match="unknown combination"):
         combine_layers(torch.zeros(2, 5), "mean")
