@@ -10,9 +10,12 @@ the migrator and the read-only guard live here; a backend implements
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime as _dt
+import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -25,6 +28,14 @@ from .errors import StoreError
 DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse"
 
 MIGRATIONS_TABLE = "schema_migrations"
+#: Held (it exists) while one process applies migrations: workers starting together must not run
+#: the same migration at once (002 copies, drops and renames a table).
+MIGRATION_LOCK_TABLE = "schema_migrations_lock"
+MIGRATION_LOCK_WAIT_S = 120.0  # how long a process waits for another's migrations
+MIGRATION_LOCK_STALE_S = 300.0  # a lock this old was left by a process that died mid-migration
+_TABLE_EXISTS = 57
+
+log = logging.getLogger(__name__)
 _MIGRATION_FILE = re.compile(r"^(\d+)_[A-Za-z0-9_\-]+\.sql$")
 
 
@@ -212,7 +223,7 @@ class Store(abc.ABC):
         """Apply ``NNN_*.sql`` files not yet recorded in ``schema_migrations``, in
         order; return the versions applied now (empty when up to date)."""
         files = migration_files(directory or self.migrations_dir)
-        with self._migrate_lock:
+        with self._migrate_lock, self._migration_lock():
             self._execute(
                 f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} "
                 "(version String, applied_at DateTime) "
@@ -238,6 +249,37 @@ class Store(abc.ABC):
                 with self._types_lock:
                     self._types_cache.clear()
             return applied
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Any:
+        """Hold the database's migration lock: creating a table is atomic, so one process at a time
+        succeeds; the others wait for it to drop the table (and take over a lock left by a dead one)."""
+        deadline = time.monotonic() + MIGRATION_LOCK_WAIT_S
+        while True:
+            try:
+                self._execute(f"CREATE TABLE {MIGRATION_LOCK_TABLE} ENGINE = Memory AS SELECT now() AS taken_at",
+                              want_names=False)
+                break
+            except StoreError as e:
+                if e.code != _TABLE_EXISTS:
+                    raise
+            try:
+                _, _, rows = self._execute(f"SELECT now() - max(taken_at) FROM {MIGRATION_LOCK_TABLE}", want_names=False)
+                age = float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
+            except StoreError:  # dropped meanwhile: try again at once
+                continue
+            if age > MIGRATION_LOCK_STALE_S:
+                log.warning("taking over the migration lock, held for %.0f s by a process that did not finish", age)
+                self._execute(f"DROP TABLE IF EXISTS {MIGRATION_LOCK_TABLE}", want_names=False)
+                continue
+            if time.monotonic() > deadline:
+                raise StoreError(f"another process has been applying migrations for {age:.0f} s "
+                                 f"(table {MIGRATION_LOCK_TABLE}); try again when it is done")
+            time.sleep(0.2)  # polling the other process's lock: nothing here to wait on
+        try:
+            yield
+        finally:
+            self._execute(f"DROP TABLE IF EXISTS {MIGRATION_LOCK_TABLE}", want_names=False)
 
     def applied_migrations(self) -> list[str]:
         """Versions recorded in ``schema_migrations``, sorted."""

@@ -106,6 +106,51 @@ def make_column(ch_type: str, col: str, n: int, rng: np.random.Generator, table_
 # ---------------------------------------------------------------- migrations
 
 
+@pytest.mark.parametrize("store_url", ["server"], indirect=True)
+def test_workers_starting_together_apply_each_migration_once(store_url: str) -> None:
+    """Four processes' stores migrate one fresh database at once (002 copies, drops and renames a table)."""
+    from streams.store.base import MIGRATION_LOCK_TABLE, migration_files
+
+    shipped = [version for version, _ in migration_files()]
+    stores = [open_store(store_url) for _ in range(4)]
+    applied: list[list[str]] = [[] for _ in stores]
+    errors: list[str] = []
+    start = threading.Barrier(len(stores))
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            applied[i] = stores[i].migrate()
+        except Exception:  # noqa: BLE001 - reported below
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert not errors, errors[0]
+        assert sorted(v for a in applied for v in a) == shipped  # each version once, by one of them
+        tables = {r[0] for r in stores[0].query("SHOW TABLES")}
+        assert set(TABLES) <= tables and MIGRATION_LOCK_TABLE not in tables
+        assert stores[0].query("SELECT count() FROM schema_migrations FINAL") == [(len(shipped),)]
+    finally:
+        for st in stores:
+            st.close()
+
+
+@pytest.mark.parametrize("store_url", ["server"], indirect=True)
+def test_a_migration_lock_left_by_a_dead_process_is_taken_over(store_url: str) -> None:
+    from streams.store.base import MIGRATION_LOCK_TABLE, migration_files
+
+    with open_store(store_url) as s:
+        s._execute(f"CREATE TABLE {MIGRATION_LOCK_TABLE} ENGINE = Memory AS SELECT now() - 3600 AS taken_at",
+                   want_names=False)
+        assert s.migrate() == [version for version, _ in migration_files()]
+        assert MIGRATION_LOCK_TABLE not in {r[0] for r in s.query("SHOW TABLES")}
+
+
 def test_migrate_twice_is_noop(store_url: str) -> None:
     from streams.store.base import migration_files
 
