@@ -257,17 +257,20 @@ class Store(abc.ABC):
         deadline = time.monotonic() + MIGRATION_LOCK_WAIT_S
         while True:
             try:
-                self._execute(f"CREATE TABLE {MIGRATION_LOCK_TABLE} ENGINE = Memory AS SELECT now() AS taken_at",
-                              want_names=False)
+                self._execute(f"CREATE TABLE {MIGRATION_LOCK_TABLE} (held UInt8) ENGINE = Memory", want_names=False)
                 break
             except StoreError as e:
                 if e.code != _TABLE_EXISTS:
                     raise
             try:
-                _, _, rows = self._execute(f"SELECT now() - max(taken_at) FROM {MIGRATION_LOCK_TABLE}", want_names=False)
-                age = float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
-            except StoreError:  # dropped meanwhile: try again at once
+                _, _, rows = self._execute(
+                    "SELECT now() - metadata_modification_time FROM system.tables WHERE database = currentDatabase() "
+                    f"AND name = '{MIGRATION_LOCK_TABLE}'", want_names=False)
+            except StoreError:
+                rows = [(0,)]
+            if not rows:  # dropped meanwhile: try again at once
                 continue
+            age = float(rows[0][0])
             if age > MIGRATION_LOCK_STALE_S:
                 log.warning("taking over the migration lock, held for %.0f s by a process that did not finish", age)
                 self._execute(f"DROP TABLE IF EXISTS {MIGRATION_LOCK_TABLE}", want_names=False)

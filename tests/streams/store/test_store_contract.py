@@ -7,6 +7,7 @@ import math
 import threading
 import traceback
 from typing import Any, Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from streams.store import (
     open_store,
 )
 from streams.store.queries import run_shipped, shipped_queries
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -145,9 +147,12 @@ def test_a_migration_lock_left_by_a_dead_process_is_taken_over(store_url: str) -
     from streams.store.base import MIGRATION_LOCK_TABLE, migration_files
 
     with open_store(store_url) as s:
-        s._execute(f"CREATE TABLE {MIGRATION_LOCK_TABLE} ENGINE = Memory AS SELECT now() - 3600 AS taken_at",
-                   want_names=False)
-        assert s.migrate() == [version for version, _ in migration_files()]
+        s._execute(f"CREATE TABLE {MIGRATION_LOCK_TABLE} (held UInt8) ENGINE = Memory", want_names=False)
+        with mock.patch("streams.store.base.MIGRATION_LOCK_STALE_S", 0.5):
+            wait_until(lambda: s._execute("SELECT now() - metadata_modification_time FROM system.tables WHERE "
+                                          f"name = '{MIGRATION_LOCK_TABLE}'", want_names=False)[2][0][0] >= 1,
+                       timeout=10, message="the lock to age")
+            assert s.migrate() == [version for version, _ in migration_files()]
         assert MIGRATION_LOCK_TABLE not in {r[0] for r in s.query("SHOW TABLES")}
 
 
