@@ -49,8 +49,9 @@ JSON says where the CPU went. Not run by pytest.
 ``--agents ingest`` (they publish closed windows to ``lw.windows``) and a pool of ``--agents test``
 workers; phases 1 and 2 as above (with K = the first size), then, the ingest workers held fixed:
 
-3. for each K a fresh pool of K test workers and the paced phase (the same seeded records for
-   every K): windows due / tested, test lag p50 / p99 in seconds and in window steps, the pool's
+3. for each K a fresh pool of K test workers, warm (``pool_warm_s``: each has preloaded the
+   references of its partitions and fitted their hidden-attack tests), and the paced phase (the
+   same seeded records for every K): windows due / tested, test lag p50 / p99 in seconds and in window steps, the pool's
    window tests per second, per-process CPU over the phase;
 4. **capacity**: for each K, a fresh consumer group of K test workers re-tests ``lw.windows``
    from its start (the very records the ingest workers published, so the ingest side is
@@ -472,6 +473,20 @@ def wait_test_workers(pool: list[tuple[Any, str]], timeout: float = 180) -> None
                  timeout, f"{child.name} ready", interval=0.5, alive=child.check)
 
 
+def wait_pool_warm(pool: list[tuple[Any, str]], timeout: float = 600) -> float:
+    """Seconds until every test worker has preloaded the references of its partitions and their hidden-attack
+    fits are done (a long-lived pool is warm; phase 3 measures it on time, not starting up)."""
+    started = time.monotonic()
+    with console.status("test pool loading the references of its partitions"):
+        while time.monotonic() - started < timeout:
+            logs = [c.log_path.read_text(errors="replace") for c, _ in pool]
+            if all("references preloaded for" in text for text in logs) and \
+                    sum(metric_sum(u, "layerwatch_hidden_fits_pending") for _, u in pool) == 0:
+                break
+            time.sleep(1.0)
+    return round(time.monotonic() - started, 1)
+
+
 def start_test_workers(stack: LocalStack, k: int, env: dict[str, str], prefix: str) -> list[tuple[Any, str]]:
     pool = spawn_test_workers(stack, k, env, prefix)
     wait_test_workers(pool)
@@ -591,13 +606,14 @@ def test_pool(opts: argparse.Namespace, fleet: Fleet, stack: LocalStack, setting
     for k in ks:
         stop_test_workers(pool)  # a fresh pool of K per phase: every K starts with cold reference caches
         pool = start_test_workers(stack, k, env, f"tests-k{k}-")
+        warm_s = wait_pool_warm(pool)
         fleet.rng = np.random.default_rng(1)  # the same paced records for every K
         sampler = FleetCpu(base_pids | {c.name: c.process.pid for c, _ in pool}).start()
         r = paced_windows(opts, fleet, settings, stack.start_broker(), url, ingest_urls + [u for _, u in pool],
                           f"{tag}p{k}", split=True)
         sampler.stop()
         tested = {c.name: int(metric_sum(u, "layerwatch_windows_tested_total")) for c, u in pool}
-        r |= {"test_workers": k, "tested_per_worker": tested,
+        r |= {"test_workers": k, "tested_per_worker": tested, "pool_warm_s": warm_s,
               # every window the fresh pool tested (also those not wholly inside the phase), over the phase
               "pool_window_tests_per_s": sum(tested.values()) / max(1e-9, (r["phase_end_ms"] - r["phase_start_ms"]) / 1000),
               "cpu": cpu_breakdown(sampler, r["phase_start_ms"] / 1000, r["phase_end_ms"] / 1000)}

@@ -338,6 +338,7 @@ def _add_window_test_agent(app: faust.App, runtime: Runtime) -> None:
     """Tests the windows ingest workers publish (see streams/window_tests.py)."""
     assert runtime.window_tests is not None
     tests = runtime.window_tests
+    app.on_partitions_assigned.connect(tests.on_assigned)
 
     @app.agent(runtime.topics.windows, name="layerwatch.window_tests")
     async def window_tests(stream: faust.StreamT) -> None:

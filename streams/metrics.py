@@ -80,6 +80,9 @@ class Metrics:
         self.test_batch = Histogram("layerwatch_drift_test_batch_windows", "Windows tested together in one batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.drift_queue = Gauge("layerwatch_drift_queue_windows", "Closed windows waiting for a test", registry=r)
+        self.references_preload = Gauge("layerwatch_references_preload_pending",
+                                        "References a test worker still has to load for its assigned partitions",
+                                        registry=r)
         self.hidden_fits = Gauge("layerwatch_hidden_fits_pending",
                                  "References whose hidden-attack tests are being fitted (no count rows yet)", registry=r)
         self.test_seconds = Histogram(

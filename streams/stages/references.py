@@ -99,6 +99,7 @@ class ReferenceCache:
         self._hidden_fits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lw-hidden-fit")
         self.factory = load(settings.drift_test, BUILTIN_TESTS, "LW_DRIFT_TEST")
         self._cache: dict[Key, Reference] = {}
+        self._loading: dict[Key, asyncio.Future] = {}  # a window and the preload may ask for the same key at once
         self._stale: set[Key] = set()
         self._warned: set[Key] = set()
 
@@ -113,8 +114,16 @@ class ReferenceCache:
         self._stale.add(key)
 
     async def get(self, key: Key, executor: ThreadPoolExecutor) -> Reference | None:
+        """The fitted reference of a model version (None when it has none yet); one load per key at a time."""
         if key in self._cache and key not in self._stale:
             return self._cache[key]
+        task = self._loading.get(key)
+        if task is None:
+            task = self._loading[key] = asyncio.ensure_future(self._load(key, executor))
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, key: Key, executor: ThreadPoolExecutor) -> Reference | None:
         s = self.settings
         params = {"model_id": key[0], "model_version": key[1], "limit": s.reference_max}
         ids = [r[0] for r in await self.writer.query(Q.REFERENCE_IDS, params)]

@@ -23,6 +23,8 @@ REFERENCE_VERSIONS = (
     "SELECT model_version, uniqExact(event_id) AS events, max(ts_ms) AS last_ms FROM reference_embeddings "
     "WHERE model_id = {model_id} GROUP BY model_version ORDER BY last_ms DESC, model_version"
 )
+# test workers: the model versions whose references they load on partition assignment
+REFERENCE_KEYS = "SELECT DISTINCT model_id, model_version FROM reference_embeddings"
 STORED_WINDOW_IDS = "SELECT DISTINCT window_id FROM drift_windows WHERE window_id IN {ids}"
 OPEN_ALERTS = (
     "SELECT alert_id, ts_ms, model_id, kind, severity, window_id, event_ids, client_id, message "

@@ -44,10 +44,20 @@ def test_an_ingest_worker_and_two_test_workers_one_killed_test_every_window_once
                      "LW_WINDOW_STEP_S": "1", "LW_MMD_PERMUTATIONS": "100", "LW_DETECTION_REPEATS": "20",
                      "LW_TEST_BATCH_WINDOWS": "4"}
         _, ingest = stack.start_worker("ingest", LW_AGENTS="ingest")
-        pool = [stack.start_worker(name, LW_AGENTS="test") for name in ("tests-a", "tests-b")]
         publish_reference(broker, prefix + "predictions", n=200)
         wait_until(lambda: scalar(ingest, "SELECT count() FROM reference_embeddings FINAL") == 200, timeout=60,
                    message="the reference in the store")
+        pool = [stack.start_worker(name, LW_AGENTS="test") for name in ("tests-a", "tests-b")]
+
+        def preloaded() -> list[int]:  # per test worker: references it loaded on assignment (-1: not done yet)
+            found = [re.findall(r"references preloaded for (\d+) model version", c.log_path.read_text(errors="replace"))
+                     for c, _ in pool]
+            return [int(f[-1]) if f else -1 for f in found]
+
+        # before any window exists, the worker owning the model's home partition has loaded its reference
+        wait_until(lambda: sorted(preloaded()) == [0, 1], timeout=60, message="the reference preloaded by one worker")
+        owner = pool[preloaded().index(1)][0]
+        assert "reference for " in owner.log_path.read_text(errors="replace")
         base = int(time.time() * 1000)
         plan = Plan(base_ms=base, n_batches=150, batch=10, spacing_ms=20, shift_from_ms=15_000, shift=2.0)
         publisher = PacedPublisher(broker, prefix + "predictions", plan, period_s=0.1).start()
