@@ -367,6 +367,8 @@ def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bo
     while not all(m in (opened := opened_alerts()) for m in fleet.attacked) and time.monotonic() < deadline:
         time.sleep(2.0)
     hidden = opened_alerts("hidden_attack")
+    hidden_clients = query(url, "SELECT model_id, client_id FROM alerts FINAL WHERE kind = 'hidden_attack' "
+                                "AND state = 'open' AND ts_ms >= {t} ORDER BY model_id", {"t": paced["sent"][0][1]})
     # window tests (model, window id) of the phase's due windows, over the phase from its first publish
     due_windows_n = len({(m, w) for m, _, w in due})
     tested_windows = {(m, w) for m, _, w in tested_keys}
@@ -395,7 +397,9 @@ def paced_windows(opts: argparse.Namespace, fleet: Fleet, settings: Settings, bo
                           "clean": sum(n for m, n in opened.items() if m not in fleet.attacked),
                           "clean_models_alerted": sorted(m for m in opened if m not in fleet.attacked)},
         "hidden_attack_alerts": {"attacked_models": sorted(m for m in hidden if m in fleet.attacked),
-                                 "clean_models": sorted(m for m in hidden if m not in fleet.attacked)},
+                                 "clean_models": sorted(m for m in hidden if m not in fleet.attacked),
+                                 # (model, client): the prober's off-distribution near-duplicates may be named
+                                 "clients": [list(r) for r in hidden_clients]},
         "test_seconds_mean": (sum(metric_sum(u, "layerwatch_window_test_duration_seconds_sum") for u in metric_urls)
                               / max(1.0, sum(metric_sum(u, "layerwatch_window_test_duration_seconds_count") for u in metric_urls))),
     }
