@@ -77,4 +77,4 @@ def limit_threads(n: int) -> None:
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(n)
-    threadpool_limits(n, user_api="blas")
+    threadpool_limits(n, user_api="blas")  # applied when created, and kept: it is never exited

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from streams.plugins import load
 from streams.rows import now_ms
@@ -41,11 +40,9 @@ def fit_hidden(layers: Mapping[str, np.ndarray], classes: np.ndarray, settings: 
     if not settings.hidden_attack_tests:
         return None
     try:
-        # one BLAS thread: the fit runs beside the test thread, and on a small machine a second pool of
-        # BLAS threads only takes cores from the window tests
-        with threadpool_limits(limits=1, user_api="blas"):
-            return HiddenAttackTest(layers, classes, flag_rate=settings.event_flag_rate,
-                                    min_client_events=settings.client_min_events, rest_alpha=settings.count_alpha)
+        # BLAS threads: the worker caps them process-wide (LW_TORCH_THREADS, streams.process.limit_threads)
+        return HiddenAttackTest(layers, classes, flag_rate=settings.event_flag_rate,
+                                min_client_events=settings.client_min_events, rest_alpha=settings.count_alpha)
     except (ValueError, np.linalg.LinAlgError) as exc:
         log.warning("hidden-attack tests off for this reference (%s)", exc)
         return None
